@@ -1,0 +1,105 @@
+"""FedMD (Li & Wang, 2019): heterogeneous models agree on a public set through soft labels.
+
+Clients first train on their private data. Every round:
+  1. COMMUNICATE  each client predicts class probabilities on (a subset of) the public inputs;
+  2. AGGREGATE    the server averages them into a consensus;
+  3. DIGEST       each client distills the consensus on those public inputs;
+  4. REVISIT      each client trains on its private data for a few epochs.
+Only predictions travel up and only the consensus travels down. FedMD's first step also trains
+on a *labelled* public set; ours has no public labels, so clients pre-train on private data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..learn import distill, predict_proba
+from ..messages import ArrayField, Message, Schema, StageSchema
+from .base import PROBS, AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally
+from .soft_labels import aggregate_probabilities
+
+
+@dataclass
+class FedMDConfig:
+    pretrain_epochs: float = 5.0  # private-data epochs before the first upload
+    public_per_round: int | None = None  # public inputs used per round (None: all of them)
+    distill_epochs: float = 1.0
+    distill_lr: float | None = None  # None: the client routine's lr
+    distill_batch_size: int = 32
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs={self.pretrain_epochs}: must be >= 0")
+        if self.public_per_round is not None and self.public_per_round < 1:
+            raise ValueError(f"public_per_round={self.public_per_round}: must be >= 1 or null")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: must be > 0")
+
+
+class FedMDServer(Server):
+    def __init__(self, config: FedMDConfig, setup: ServerSetup) -> None:
+        super().__init__(config, setup)
+        if setup.public_inputs is None or len(setup.public_inputs) == 0:
+            raise ValueError("fedmd needs a public set: set data.public_fraction > 0")
+
+    def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
+        subset = self._public_subset(rnd)
+        predictions = comm.ask("communicate", {c: Message({"public_idx": subset}) for c in clients})
+        if not predictions:
+            return {}
+        consensus = aggregate_probabilities([m.arrays["probs"] for m in predictions.values()], "mean")
+        comm.ask("digest_revisit", {c: Message({"public_idx": subset, "targets": consensus}) for c in predictions})
+        return {"public_used": float(len(subset))}
+
+    def _public_subset(self, rnd: int) -> np.ndarray:
+        n = len(self.setup.public_inputs)
+        k = self.config.public_per_round
+        if k is None or k >= n:
+            return np.arange(n, dtype=np.int64)
+        return np.sort(self.setup.rng("public", rnd).choice(n, size=k, replace=False)).astype(np.int64)
+
+
+class FedMDClient(Client):
+    def communicate(self, message: Message, ctx: ClientContext) -> Message:
+        if not ctx.state.get("pretrained"):
+            train_locally(ctx, epochs=self.config.pretrain_epochs)
+            ctx.state["pretrained"] = True
+        inputs = ctx.public_inputs[message.arrays["public_idx"]]
+        return Message({"probs": predict_proba(ctx.model, inputs)})
+
+    def digest_revisit(self, message: Message, ctx: ClientContext) -> Message:
+        inputs = ctx.public_inputs[message.arrays["public_idx"]]
+        distill(
+            ctx.model,
+            inputs,
+            message.arrays["targets"],
+            epochs=self.config.distill_epochs,
+            batch_size=self.config.distill_batch_size,
+            optim=ctx.training.optim(self.config.distill_lr),
+            generator=ctx.generator("digest"),
+            temperature=self.config.temperature,
+        )
+        train_locally(ctx)
+        return Message()
+
+
+PUBLIC_IDX = ArrayField(dtype="int64", shape=("num_public",))
+
+SPEC = AlgorithmSpec(
+    name="fedmd",
+    config_cls=FedMDConfig,
+    server_cls=FedMDServer,
+    client_cls=FedMDClient,
+    schemas={
+        "communicate": StageSchema(down=Schema(arrays={"public_idx": PUBLIC_IDX}), up=Schema(arrays={"probs": PROBS})),
+        "digest_revisit": StageSchema(
+            down=Schema(arrays={"public_idx": PUBLIC_IDX, "targets": PROBS}),
+            up=Schema(),
+        ),
+    },
+    summary="Clients distill the averaged soft predictions on public inputs, then revisit private data.",
+    uses_public=True,
+)

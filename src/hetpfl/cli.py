@@ -1,0 +1,148 @@
+"""The ``hetpfl`` command: run experiments, compare runs, inspect datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .configuration import ConfigError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: PLC0415
+
+    from .experiment import load_config, run_experiment  # noqa: PLC0415
+
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if args.runtime:
+        overrides.append(f"runtime.name={args.runtime}")
+    config = load_config(args.config, overrides)
+    out_dir = Path(args.out or Path("runs") / config.name)
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+    task = None
+
+    def on_prepared(prepared: Any) -> None:
+        nonlocal task
+        data = prepared.run.data
+        archs = sorted(set(prepared.run.client_archs))
+        console.print(
+            f"[bold]{config.name}[/]: {config.algorithm['name']} on {data.name}, {data.num_clients} clients "
+            f"({', '.join(archs)}), public set {len(data.public)}, {config.rounds} rounds → {out_dir}"
+        )
+        progress.start()
+        task = progress.add_task(config.algorithm["name"], total=config.rounds, status="")
+
+    def on_round(row: dict[str, Any]) -> None:
+        status = []
+        for key, label in (("personalized_acc_mean", "own"), ("server_acc_mean", "server"), ("global_acc_mean", "global")):
+            if key in row:
+                status.append(f"{label} {100 * row[key]:.1f}%")
+        status.append(f"↑{row['bytes_up_cum'] / 1e6:.2f}MB ↓{row['bytes_down_cum'] / 1e6:.2f}MB")
+        progress.update(task, advance=1, status=" ".join(status))
+
+    try:
+        summary = run_experiment(config, out_dir, on_round=on_round, on_prepared=on_prepared)
+    finally:
+        progress.stop()
+    final = summary["final"]
+    console.print(
+        f"done in {summary['wall_time_s']:.1f}s: own-model accuracy {100 * final.get('personalized_acc_mean', float('nan')):.2f}% "
+        f"(std {100 * final.get('personalized_acc_std', float('nan')):.2f}, worst-10% "
+        f"{100 * final.get('personalized_acc_worst10', float('nan')):.2f}); results in {out_dir}"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report  # noqa: PLC0415
+
+    out = args.out or (Path(args.runs[0]) / "report" if len(args.runs) == 1 else None)
+    print(report(args.runs, out_dir=out, markdown=args.markdown))
+    if out:
+        print(f"\ncomparison.png, table.md and table.json written to {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from .data import dataset_info  # noqa: PLC0415
+
+    info = dataset_info(args.name, args.data_dir)
+    print(json.dumps(info, indent=2, default=str))
+    return 0 if info.get("found", True) else 1
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .algorithms import ALGORITHMS  # noqa: PLC0415
+    from .data import DATASETS, PARTITIONERS  # noqa: PLC0415
+    from .models import ARCHITECTURES  # noqa: PLC0415
+
+    print("algorithms:")
+    for name, spec in sorted(ALGORITHMS.items()):
+        print(f"  {name:10s} {spec.summary}")
+    print("architectures:")
+    for name, arch in sorted(ARCHITECTURES.items()):
+        print(f"  {name:16s} {arch.description}")
+    print("datasets:    " + ", ".join(DATASETS))
+    print("partitions:  " + ", ".join(PARTITIONERS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetpfl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment described by a YAML file")
+    run.add_argument("config", help="YAML config (see configs/)")
+    run.add_argument("-o", "--out", help="results folder (default: runs/<name>)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key)")
+    run.add_argument("--data-dir", help="where datasets are read from (else $HETPFL_DATA_DIR, else ~/.cache/hetpfl/data)")
+    run.add_argument("--runtime", choices=["simulator", "flower-sim"], help="shortcut for --set runtime.name=...")
+    run.set_defaults(func=_cmd_run)
+    rep = sub.add_parser("report", help="compare run folders (mean ± std over seeds)")
+    rep.add_argument("runs", nargs="+", help="run folders, or folders containing them")
+    rep.add_argument("-o", "--out", help="where to write comparison.png and table.md")
+    rep.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    rep.set_defaults(func=_cmd_report)
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    info = data_sub.add_parser("info", help="where a dataset is read from, and how to provide it")
+    info.add_argument("name")
+    info.add_argument("--data-dir")
+    info.set_defaults(func=_cmd_data_info)
+    lst = sub.add_parser("list", help="registered algorithms, architectures, datasets and partitions")
+    lst.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"hetpfl: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"hetpfl: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # DatasetUnavailableError and friends: say what, not a traceback
+        if type(exc).__name__ == "DatasetUnavailableError":
+            print(f"hetpfl: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

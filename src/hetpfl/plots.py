@@ -1,0 +1,88 @@
+"""PNG plots of a run folder and of several runs together (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def accuracy_series(rows: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-round mean accuracy of the clients' own models and of every extra model."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_acc_mean") and value is not None:
+                name = key[: -len("_acc_mean")]
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(row["round"] + 1)
+                ys.append(100 * value)
+    return series
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """``accuracy.png`` (mean accuracy per round) and ``partition.png`` (client × class counts)."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in accuracy_series(read_metrics(run_dir)).items():
+        label = "clients' own models" if name == "personalized" else f"{name} model"
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean accuracy on clients' test splits (%)")
+    ax.set_title(f"{summary.get('name')} — {summary.get('algorithm')} on {summary.get('dataset')}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, run_dir / "accuracy.png"))
+    counts = np.asarray(summary.get("partition", {}).get("label_counts", []))
+    if counts.size:
+        fig, ax = plt.subplots(figsize=(max(4, 0.35 * counts.shape[1] + 2), max(3, 0.22 * counts.shape[0] + 1.5)))
+        image = ax.imshow(counts, aspect="auto", cmap="viridis")
+        ax.set_xlabel("class")
+        ax.set_ylabel("client")
+        ax.set_title(f"private samples per client and class ({summary['partition']['scheme']})")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        written.append(_save(fig, run_dir / "partition.png"))
+    return written
+
+
+def plot_comparison(groups: dict[str, Sequence[str | Path]], out_path: str | Path) -> Path:
+    """Mean (± std band over seeds) of the clients' own accuracy per round, one line a group."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, run_dirs in groups.items():
+        curves = [accuracy_series(read_metrics(d)).get("personalized") for d in run_dirs]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        length = min(len(c[0]) for c in curves)
+        xs = curves[0][0][:length]
+        ys = np.array([c[1][:length] for c in curves])
+        ax.plot(xs, ys.mean(0), marker="o", label=label)
+        if len(curves) > 1:
+            ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean accuracy of clients' own models (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(out_path))
+
+
+def _save(fig: "plt.Figure", path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
