@@ -110,7 +110,7 @@ class ExperimentConfig:
     rounds: int = 10
     participation: float = 1.0  # fraction of clients sampled each round
     eval_every: int = 1
-    algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedmd"})
+    algorithm: dict[str, Any] | str = field(default_factory=lambda: {"name": "fedmd"})
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     client: ClientTraining = field(default_factory=ClientTraining)
@@ -126,6 +126,8 @@ class ExperimentConfig:
         require(c.lr > 0, "client.lr", c.lr, "must be > 0")
         require(c.optimizer in OPTIMIZERS, "client.optimizer", c.optimizer, f"expected one of {', '.join(OPTIMIZERS)}")
         require(c.augment in AUGMENTATIONS, "client.augment", c.augment, f"expected one of {', '.join(AUGMENTATIONS)}")
+        if isinstance(self.algorithm, str):  # "algorithm: fedmd" is short for {name: fedmd}
+            self.algorithm = {"name": self.algorithm}
         if not isinstance(self.algorithm, dict) or "name" not in self.algorithm:
             raise ConfigError(f"algorithm={self.algorithm!r}: expected a section with a 'name' "
                               f"(available: {', '.join(sorted(ALGORITHMS))})")
@@ -135,7 +137,11 @@ class ExperimentConfig:
     def _algorithm_config(self) -> Any:
         spec = _algorithm_spec(self.algorithm["name"])
         params = {k: v for k, v in self.algorithm.items() if k != "name"}
-        return build_dataclass(spec.config_cls, params, prefix="algorithm")
+        try:
+            return build_dataclass(spec.config_cls, params, prefix="algorithm")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} [algorithm '{spec.name}'; to switch methods use --set algorithm={spec.name} "
+                              f"to drop the previous method's keys]") from None
 
 
 def _algorithm_spec(name: Any):

@@ -37,6 +37,14 @@ class OptimOptions:
         raise ValueError(f"optimizer={self.optimizer!r} is not supported (allowed: {', '.join(OPTIMIZERS)})")
 
 
+def as_tensor(array: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+    """A tensor sharing memory with ``array`` when it may (read-only arrays are copied)."""
+    array = np.asarray(array, dtype=dtype)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool, drop_last: bool):
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
@@ -81,7 +89,7 @@ def fit(
     augment: str = "none",
 ) -> dict[str, float]:
     """Cross-entropy training on (x, y). Fractional ``epochs`` train that share of one pass."""
-    xt, yt = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    xt, yt = as_tensor(x, np.float32), as_tensor(y, np.int64)
     if len(xt) == 0 or epochs <= 0:
         return {"loss": float("nan"), "steps": 0}
     model.train()
@@ -149,11 +157,11 @@ def distill(
     ``temperature`` sharpens/flattens the targets only (the student's logits are not divided).
     ``sample_weights`` default to 1 (plain batch-mean KL).
     """
-    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    tt = torch.from_numpy(sharpen(np.asarray(targets, dtype=np.float32), temperature))
+    xt = as_tensor(x, np.float32)
+    tt = as_tensor(sharpen(np.asarray(targets, dtype=np.float32), temperature), np.float32)
     if len(xt) != len(tt):
         raise ValueError(f"distill: {len(xt)} inputs but {len(tt)} target rows")
-    wt = None if sample_weights is None else torch.from_numpy(np.asarray(sample_weights, dtype=np.float32))
+    wt = None if sample_weights is None else as_tensor(sample_weights, np.float32)
     if len(xt) == 0 or epochs <= 0:
         return {"loss": float("nan"), "steps": 0}
     model.train()
@@ -184,7 +192,7 @@ def distill(
 def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Softmax outputs (float32, rows sum to 1) of ``model`` in eval mode, in input order."""
     model.eval()
-    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    xt = as_tensor(x, np.float32)
     if len(xt) == 0:
         return np.zeros((0, 0), dtype=np.float32)
     out = [F.softmax(model(xt[i : i + batch_size]).float(), dim=-1) for i in range(0, len(xt), batch_size)]
@@ -198,8 +206,8 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 5
     if len(x) == 0:
         return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
     model.eval()
-    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    xt = as_tensor(x, np.float32)
+    yt = as_tensor(y, np.int64)
     correct, loss_sum = 0, 0.0
     for i in range(0, len(xt), batch_size):
         logits = model(xt[i : i + batch_size])
