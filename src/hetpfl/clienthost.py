@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .algorithms.base import Client, ClientContext
-from .messages import Message
+from .messages import Message, compress, decompress
 from .rng import derive_seed
 
 
@@ -119,10 +119,10 @@ class ClientHost:
         )
         # Dropout and other torch-internal randomness draw from the global stream: seed it per call.
         torch.manual_seed(derive_seed(run.seed, "client", client_id, "round", rnd, stage, "torch"))
-        reply = self.client.handle(stage, _read_only(message), ctx)
+        reply = self.client.handle(stage, _read_only(decompress(message)), ctx)
         state["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.store.put(client_id, state)
-        return reply
+        return compress(reply, run.compression)
 
 
 def describe_state(state: dict[str, Any]) -> dict[str, Any]:

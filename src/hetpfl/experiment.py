@@ -39,7 +39,7 @@ class DataConfig:
     groups: int = 5  # cosmos: label groups (clients are split equally among them)
     mix_fraction: float = 0.1  # cosmos: share of each client's data dealt back to everyone
     public_fraction: float = 0.2  # share of each class of the training split kept as public inputs
-    public_size: int | None = None  # exact public-set size instead of public_fraction
+    public_size: int | None = None  # exact public-set size (class-balanced); overrides public_fraction
     max_train_samples: int | None = None  # stratified subsample of the training split
     data_dir: str | None = None  # else $HETPFL_DATA_DIR, else the user cache
     options: dict[str, Any] = field(default_factory=dict)  # dataset options (e.g. gaussian dim)
@@ -196,7 +196,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
     try:
         data = build_federated_data(
             source, num_clients=d.num_clients, scheme=d.partition, seed=config.seed,
-            public_fraction=d.public_fraction, public_size=d.public_size,
+            public_fraction=0.0 if d.public_size is not None else d.public_fraction, public_size=d.public_size,
             max_train_samples=d.max_train_samples, partition_params=d.partition_params(),
         )
     except ValueError as exc:
@@ -257,12 +257,14 @@ def run_experiment(
     if on_prepared is not None:
         on_prepared(prepared)
     (out / "config.yaml").write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
-    metrics_path = out / "metrics.jsonl"
-    with metrics_path.open("w") as fh:
+    with (out / "metrics.jsonl").open("w") as metrics, (out / "timings.jsonl").open("w") as timings:
 
         def record(row: dict[str, Any]) -> None:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
+            measures = {k: v for k, v in row.items() if k != "timing"}
+            metrics.write(json.dumps(measures) + "\n")
+            timings.write(json.dumps({"round": row["round"], **row.get("timing", {})}) + "\n")
+            metrics.flush()
+            timings.flush()
             if on_round is not None:
                 on_round(row)
 

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two runs of one experiment must match bit for bit; fixing the thread count keeps CPU kernels
+# from choosing different reduction orders between processes.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HETPFL_DATA_DIR", str((REPO / ".." / "shared" / "data").resolve()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """Decoded datasets go to one cache per test session (never the user's cache)."""
+    if "HETPFL_CACHE_DIR" not in os.environ:
+        os.environ["HETPFL_CACHE_DIR"] = str(tmp_path_factory.mktemp("hetpfl-cache"))
+    yield
+
+
+def small_config(algorithm: str = "fedmd", **overrides):
+    """A seconds-long experiment on digits with three architecture families."""
+    from hetpfl.experiment import load_config
+
+    base = {
+        "name": f"test-{algorithm}",
+        "seed": 0,
+        "rounds": 2,
+        "algorithm": {"name": algorithm},
+        "data": {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "dirichlet_alpha": 0.5,
+                 "public_fraction": 0.2},
+        "models": {"clients": ["mlp", "cnn_small", "mobilenet_small"]},
+        "client": {"local_epochs": 2, "batch_size": 32, "lr": 0.003},
+    }
+    return load_config(base=base, overrides=[f"{k}={v}" for k, v in overrides.items()])

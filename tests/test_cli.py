@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hetpfl.cli import main
+
+
+def test_run_then_report(tmp_path, capsys):
+    for seed in (0, 1):
+        code = main(["run", "configs/default.yaml", "-o", str(tmp_path / f"s{seed}"), "--set", "rounds=1",
+                     "--set", f"seed={seed}", "--set", "algorithm.pretrain_epochs=2"])
+        assert code == 0
+    assert json.loads((tmp_path / "s0" / "summary.json").read_text())["rounds"] == 1
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "default [fedmd, digits]" in table and " 2 " in table  # one group, two seeds
+    assert (tmp_path / "report" / "comparison.png").exists()
+    assert (tmp_path / "report" / "table.md").read_text().startswith("| run |")
+
+
+def test_config_error_exits_2_with_message(tmp_path, capsys):
+    assert main(["run", "configs/default.yaml", "-o", str(tmp_path), "--set", "data.dirichlet_alpha=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "data.dirichlet_alpha=-1" in err and "must be > 0" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_data_info_reports_location(capsys):
+    assert main(["data", "info", "digits"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == "digits"
+
+
+def test_data_info_missing_dataset_says_how_to_provide(tmp_path, capsys):
+    code = main(["data", "info", "mnist", "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "HETPFL_DATA_DIR" in out
+
+
+def test_list_names_everything(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fedmd", "fedavg", "local", "vgg_small", "cifar10", "cosmos"):
+        assert name in out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "hetpfl.cli", "list"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "algorithms:" in result.stdout
+
+
+@pytest.mark.parametrize("missing", ["nope.yaml"])
+def test_missing_config_file(missing, capsys):
+    assert main(["run", missing]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from hetpfl.clienthost import DiskStore, MemoryStore
+from hetpfl.engine import assign_architectures, sampling_schedule, spread
+
+
+def test_sampling_schedule_is_pre_drawn_and_seeded():
+    a = sampling_schedule(0, 20, 5, 0.25)
+    assert a == sampling_schedule(0, 20, 5, 0.25)
+    assert a != sampling_schedule(1, 20, 5, 0.25)
+    assert all(len(r) == 5 and r == sorted(set(r)) for r in a)
+    assert sampling_schedule(0, 20, 3, 1.0) == [list(range(20))] * 3
+
+
+def test_architecture_assignment_follows_proportions():
+    archs = assign_architectures(["mlp", "cnn_small", "resnet_small"], [0.3, 0.3, 0.4], 10, seed=0)
+    assert sorted(archs).count("resnet_small") == 4 and archs.count("mlp") == 3
+    assert archs == assign_architectures(["mlp", "cnn_small", "resnet_small"], [0.3, 0.3, 0.4], 10, seed=0)
+    assert archs != assign_architectures(["mlp", "cnn_small", "resnet_small"], [0.3, 0.3, 0.4], 10, seed=1)
+    equal = assign_architectures(["mlp", "cnn_small"], None, 7, seed=0)
+    assert sorted([equal.count("mlp"), equal.count("cnn_small")]) == [3, 4]
+
+
+def test_spread_worst10_is_mean_of_lowest_decile():
+    values = np.arange(1, 21) / 20  # 20 clients: the worst 10% are the two lowest
+    out = spread(values, "acc")
+    assert out["acc_worst10"] == pytest.approx((0.05 + 0.10) / 2)
+    assert out["acc_mean"] == pytest.approx(values.mean())
+    assert spread(np.array([0.3, np.nan]), "x")["x_worst10"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("store_cls", [MemoryStore, DiskStore])
+def test_state_stores_round_trip(store_cls, tmp_path):
+    store = store_cls() if store_cls is MemoryStore else store_cls(tmp_path)
+    assert store.get(3) is None
+    store.put(3, {"model": {"w": np.arange(4)}, "algorithm": {"pretrained": True}})
+    got = store.get(3)
+    np.testing.assert_array_equal(got["model"]["w"], np.arange(4))
+    assert got["algorithm"] == {"pretrained": True}
