@@ -47,12 +47,12 @@ def test_fedmd_bytes_are_exactly_predictions_and_consensus(tmp_path):
     prepared = prepare(config)
     summary = run_experiment(config, tmp_path)
     n_public, n_classes = len(prepared.run.data.public), prepared.run.data.num_classes
-    probs = array_nbytes(np.zeros((n_public, n_classes), np.float32)) + len("probs")
+    scores = array_nbytes(np.zeros((n_public, n_classes), np.float32)) + len("scores")
     idx = array_nbytes(np.zeros(n_public, np.int64)) + len("public_idx")
-    targets = probs - len("probs") + len("targets")
+    consensus = scores - len("scores") + len("consensus")
     clients = config.data.num_clients
-    assert summary["bytes_up_total"] == clients * probs
-    assert summary["bytes_down_total"] == clients * (idx + idx + targets)
+    assert summary["bytes_up_total"] == clients * scores
+    assert summary["bytes_down_total"] == clients * (idx + idx + consensus)
 
 
 def test_fedavg_moves_whole_models(tmp_path):

@@ -77,6 +77,40 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None)
     return x
 
 
+def _run_steps(
+    model: nn.Module,
+    n: int,
+    loss_of_batch,
+    *,
+    epochs: float,
+    batch_size: int,
+    optim: OptimOptions,
+    generator: torch.Generator | None,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> dict[str, float]:
+    """The one optimization loop: ``epochs`` passes (fractions allowed) of mini-batches of indices,
+    each turned into a loss by ``loss_of_batch(idx)``; a fresh optimizer per call."""
+    if n == 0 or epochs <= 0:
+        return {"loss": float("nan"), "steps": 0}
+    model.train()
+    optimizer = optim.build(model.parameters())
+    losses: list[float] = []
+    max_steps = max(1, int(round(max(1, -(-n // batch_size)) * epochs)))
+    while len(losses) < max_steps:
+        for idx in _batches(n, batch_size, generator, shuffle=shuffle, drop_last=drop_last):
+            loss = loss_of_batch(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            if len(losses) >= max_steps:
+                break
+    return {"loss": float(np.mean(losses)), "steps": len(losses)}
+
+
 def fit(
     model: nn.Module,
     x: np.ndarray,
@@ -90,35 +124,12 @@ def fit(
 ) -> dict[str, float]:
     """Cross-entropy training on (x, y). Fractional ``epochs`` train that share of one pass."""
     xt, yt = as_tensor(x, np.float32), as_tensor(y, np.int64)
-    if len(xt) == 0 or epochs <= 0:
-        return {"loss": float("nan"), "steps": 0}
-    model.train()
-    optimizer = optim.build(model.parameters())
-    losses, steps = [], 0
-    max_steps = _max_steps(len(xt), batch_size, epochs)
-    while steps < max_steps:
-        for idx in _batches(len(xt), batch_size, generator, shuffle=True, drop_last=False):
-            xb = augment_batch(xt[idx], augment, generator)
-            loss = F.cross_entropy(model(xb), yt[idx])
-            _step(model, optimizer, loss, optim.max_grad_norm)
-            losses.append(loss.item())
-            steps += 1
-            if steps >= max_steps:
-                break
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
 
+    def loss_of_batch(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(augment_batch(xt[idx], augment, generator)), yt[idx])
 
-def _max_steps(n: int, batch_size: int, epochs: float) -> int:
-    per_epoch = max(1, -(-n // batch_size))
-    return max(1, int(round(per_epoch * epochs)))
-
-
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_grad_norm is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    return _run_steps(model, len(xt), loss_of_batch, epochs=epochs, batch_size=batch_size, optim=optim,
+                      generator=generator)
 
 
 def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -133,6 +144,9 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (out / out.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+DISTILL_LOSSES = ("kl", "l1_logits")
+
+
 def distill(
     model: nn.Module,
     x: np.ndarray,
@@ -142,6 +156,7 @@ def distill(
     batch_size: int = 32,
     optim: OptimOptions = OptimOptions(),
     generator: torch.Generator | None = None,
+    loss: str = "kl",
     temperature: float = 1.0,
     consistency_weight: float = 0.0,
     noise_std: float = 0.05,
@@ -149,43 +164,51 @@ def distill(
     shuffle: bool = True,
     drop_last: bool = False,
 ) -> dict[str, float]:
-    """Distill soft ``targets`` (rows of probabilities) into ``model`` on inputs ``x``.
+    """Distill ``targets`` into ``model`` on inputs ``x``.
 
-    loss = mean_b[w_b · KL(target_b ‖ softmax(model(x_b)))] + λ · MSE(softmax(model(x)),
-    softmax(model(x + ε))), ε ~ N(0, noise_std²) and the noisy branch without gradient (the
-    noise-consistency regularizer of COSMOS; λ = ``consistency_weight``, 0 disables it).
-    ``temperature`` sharpens/flattens the targets only (the student's logits are not divided).
-    ``sample_weights`` default to 1 (plain batch-mean KL).
+    ``loss="kl"``: targets are probability rows; per sample KL(target ‖ softmax(model(x))), with
+    ``temperature`` applied to the targets only (the student's logits are not divided).
+    ``loss="l1_logits"``: targets are logits (class scores); per sample mean |model(x) − target|
+    (FedMD's digest step).
+    Per-sample losses are weighted by ``sample_weights`` (default 1) and averaged over the batch.
+    ``consistency_weight`` λ > 0 adds λ · MSE(softmax(model(x)), softmax(model(x + ε))),
+    ε ~ N(0, noise_std²), the noisy branch without gradient (COSMOS's noise-consistency term).
     """
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"distill loss={loss!r} is not supported (allowed: {', '.join(DISTILL_LOSSES)})")
     xt = as_tensor(x, np.float32)
-    tt = as_tensor(sharpen(np.asarray(targets, dtype=np.float32), temperature), np.float32)
+    target_array = np.asarray(targets, dtype=np.float32)
+    tt = as_tensor(sharpen(target_array, temperature) if loss == "kl" else target_array, np.float32)
     if len(xt) != len(tt):
         raise ValueError(f"distill: {len(xt)} inputs but {len(tt)} target rows")
     wt = None if sample_weights is None else as_tensor(sample_weights, np.float32)
-    if len(xt) == 0 or epochs <= 0:
-        return {"loss": float("nan"), "steps": 0}
-    model.train()
-    optimizer = optim.build(model.parameters())
-    losses, steps = [], 0
-    max_steps = _max_steps(len(xt), batch_size, epochs)
-    while steps < max_steps:
-        for idx in _batches(len(xt), batch_size, generator, shuffle=shuffle, drop_last=drop_last):
-            xb, tb = xt[idx], tt[idx]
-            logits = model(xb)
-            log_p = F.log_softmax(logits, dim=-1)
-            kl = F.kl_div(log_p, tb, reduction="none").sum(-1)  # KL(target ‖ student) per sample
-            loss = (kl * wt[idx]).mean() if wt is not None else kl.mean()
-            if consistency_weight > 0:
-                noise = torch.randn(xb.shape, generator=generator) * noise_std
-                with torch.no_grad():
-                    p_noisy = F.softmax(model(xb + noise), dim=-1)
-                loss = loss + consistency_weight * F.mse_loss(log_p.exp(), p_noisy)
-            _step(model, optimizer, loss, optim.max_grad_norm)
-            losses.append(loss.item())
-            steps += 1
-            if steps >= max_steps:
-                break
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
+
+    def loss_of_batch(idx: torch.Tensor) -> torch.Tensor:
+        xb, tb = xt[idx], tt[idx]
+        logits = model(xb)
+        if loss == "kl":
+            per_sample = F.kl_div(F.log_softmax(logits, dim=-1), tb, reduction="none").sum(-1)
+        else:
+            per_sample = (logits - tb).abs().mean(-1)
+        total = (per_sample * wt[idx]).mean() if wt is not None else per_sample.mean()
+        if consistency_weight > 0:
+            noise = torch.randn(xb.shape, generator=generator) * noise_std
+            with torch.no_grad():
+                p_noisy = F.softmax(model(xb + noise), dim=-1)
+            total = total + consistency_weight * F.mse_loss(F.softmax(logits, dim=-1), p_noisy)
+        return total
+
+    return _run_steps(model, len(xt), loss_of_batch, epochs=epochs, batch_size=batch_size, optim=optim,
+                      generator=generator, shuffle=shuffle, drop_last=drop_last)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Raw class scores (float32) of ``model`` in eval mode, in input order."""
+    model.eval()
+    xt = as_tensor(x, np.float32)
+    out = [model(xt[i : i + batch_size]).float() for i in range(0, len(xt), batch_size)]
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()

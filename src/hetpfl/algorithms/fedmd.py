@@ -1,12 +1,16 @@
 """FedMD (Li & Wang, 2019): heterogeneous models agree on a public set through soft labels.
 
 Clients first train on their private data. Every round:
-  1. COMMUNICATE  each client predicts class probabilities on (a subset of) the public inputs;
-  2. AGGREGATE    the server averages them into a consensus;
-  3. DIGEST       each client distills the consensus on those public inputs;
+  1. COMMUNICATE  each client computes its class scores (logits) on (a subset of) the public inputs;
+  2. AGGREGATE    the server averages the scores into a consensus;
+  3. DIGEST       each client trains its scores towards the consensus on those inputs (L1 loss,
+                  as the paper's code; ``digest_loss: kl`` distills softmax(consensus / T) instead);
   4. REVISIT      each client trains on its private data for a few epochs.
-Only predictions travel up and only the consensus travels down. FedMD's first step also trains
-on a *labelled* public set; ours has no public labels, so clients pre-train on private data.
+Only scores travel up and only the consensus travels down. FedMD's first step also trains on a
+*labelled* public set; ours has no public labels, so clients pre-train on private data only.
+Averaging scores matters under label skew: averaged *probabilities* of specialist clients are
+nearly flat (mean top probability 0.18 on 20-client digits, α=0.3) and distilling them erodes
+every client, while averaged scores keep the consensus' confidence.
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..learn import distill, predict_proba
+from ..learn import distill, predict_logits
 from ..messages import ArrayField, Message, Schema, StageSchema
-from .base import PROBS, AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally
-from .soft_labels import aggregate_probabilities
+from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally
 
 
 @dataclass
@@ -28,7 +31,8 @@ class FedMDConfig:
     distill_epochs: float = 1.0
     distill_lr: float | None = None  # None: the client routine's lr
     distill_batch_size: int = 32
-    temperature: float = 1.0
+    digest_loss: str = "l1_logits"  # l1_logits (the paper's code) | kl (on softmax(consensus / T))
+    temperature: float = 1.0  # only for digest_loss: kl
 
     def __post_init__(self) -> None:
         if self.pretrain_epochs < 0:
@@ -37,6 +41,8 @@ class FedMDConfig:
             raise ValueError(f"public_per_round={self.public_per_round}: must be >= 1 or null")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}: must be > 0")
+        if self.digest_loss not in ("l1_logits", "kl"):
+            raise ValueError(f"digest_loss={self.digest_loss!r}: expected l1_logits or kl")
 
 
 class FedMDServer(Server):
@@ -50,8 +56,8 @@ class FedMDServer(Server):
         predictions = comm.ask("communicate", {c: Message({"public_idx": subset}) for c in clients})
         if not predictions:
             return {}
-        consensus = aggregate_probabilities([m.arrays["probs"] for m in predictions.values()], "mean")
-        comm.ask("digest_revisit", {c: Message({"public_idx": subset, "targets": consensus}) for c in predictions})
+        consensus = np.mean([m.arrays["scores"] for m in predictions.values()], axis=0).astype(np.float32)
+        comm.ask("digest_revisit", {c: Message({"public_idx": subset, "consensus": consensus}) for c in predictions})
         return {"public_used": float(len(subset))}
 
     def _public_subset(self, rnd: int) -> np.ndarray:
@@ -68,25 +74,34 @@ class FedMDClient(Client):
             train_locally(ctx, epochs=self.config.pretrain_epochs)
             ctx.state["pretrained"] = True
         inputs = ctx.public_inputs[message.arrays["public_idx"]]
-        return Message({"probs": predict_proba(ctx.model, inputs)})
+        return Message({"scores": predict_logits(ctx.model, inputs)})
 
     def digest_revisit(self, message: Message, ctx: ClientContext) -> Message:
         inputs = ctx.public_inputs[message.arrays["public_idx"]]
+        consensus = message.arrays["consensus"]
+        if self.config.digest_loss == "kl":
+            consensus = softmax(consensus / self.config.temperature)
         distill(
             ctx.model,
             inputs,
-            message.arrays["targets"],
+            consensus,
             epochs=self.config.distill_epochs,
             batch_size=self.config.distill_batch_size,
             optim=ctx.training.optim(self.config.distill_lr),
             generator=ctx.generator("digest"),
-            temperature=self.config.temperature,
+            loss=self.config.digest_loss,
         )
         train_locally(ctx)
         return Message()
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 PUBLIC_IDX = ArrayField(dtype="int64", shape=("num_public",))
+SCORES = ArrayField(dtype="float32", shape=("num_public", "num_classes"))
 
 SPEC = AlgorithmSpec(
     name="fedmd",
@@ -94,12 +109,12 @@ SPEC = AlgorithmSpec(
     server_cls=FedMDServer,
     client_cls=FedMDClient,
     schemas={
-        "communicate": StageSchema(down=Schema(arrays={"public_idx": PUBLIC_IDX}), up=Schema(arrays={"probs": PROBS})),
+        "communicate": StageSchema(down=Schema(arrays={"public_idx": PUBLIC_IDX}), up=Schema(arrays={"scores": SCORES})),
         "digest_revisit": StageSchema(
-            down=Schema(arrays={"public_idx": PUBLIC_IDX, "targets": PROBS}),
+            down=Schema(arrays={"public_idx": PUBLIC_IDX, "consensus": SCORES}),
             up=Schema(),
         ),
     },
-    summary="Clients distill the averaged soft predictions on public inputs, then revisit private data.",
+    summary="Clients match the averaged class scores on public inputs, then revisit private data.",
     uses_public=True,
 )
