@@ -1,0 +1,134 @@
+"""The Flower app of hetpfl: the components ``pyproject.toml`` names under ``[tool.flwr.app]``.
+
+* ``client_app`` answers ``query.<stage>`` for every stage of every registered algorithm, plus
+  ``query.evaluate`` and ``query.hello``, by running it through a ClientHost
+  (:func:`hetpfl.runtimes.flower.handle_query`). The simulation runtime uses it too.
+* ``server_app`` is the deployment entry point (``flwr run``): it reads the experiment from the
+  run config, waits for one SuperNode per client, runs every round and writes the same results
+  folder as ``hetpfl run``. Run config keys (``[tool.flwr.app.config]``, ``--run-config``):
+
+  ``config``         a YAML file (absolute, relative to the SuperLink's working directory, or
+                     relative to the app, e.g. ``configs/default.yaml``) or inline YAML text
+  ``set``            ``;``-separated ``key=value`` overrides, as ``hetpfl run --set``
+  ``out``            results folder on the SuperLink's machine (default ``runs/<name>``)
+  ``node-timeout``   seconds to wait for the SuperNodes and their first answer
+  ``stage-timeout``  seconds to wait for a stage's replies (0: no limit); late clients fail
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..algorithms import ALGORITHMS
+from ..algorithms.base import EVALUATE_STAGE
+from .flower import HELLO, handle_query, quiet_environment, run_on_grid
+
+quiet_environment()
+log = logging.getLogger("flwr.hetpfl")  # a child of Flower's logger: shown in its log stream
+
+
+def stage_names() -> list[str]:
+    """Every stage a ClientApp may be asked: all registered algorithms' stages, evaluate, hello."""
+    names = {EVALUATE_STAGE, HELLO}
+    for spec in ALGORITHMS.values():
+        names.update(spec.schemas)
+    return sorted(names)
+
+
+client_app = ClientApp()
+for _stage in stage_names():
+    if _stage.isidentifier():
+        client_app.query(_stage)(handle_query)
+    else:  # Flower's message types need identifiers; such a stage would fail loudly on use
+        log.warning("stage %r is not a Python identifier and cannot travel as a Flower message type", _stage)
+
+
+# ------------------------------------------------------------------------------------------
+# Deployment ServerApp
+# ------------------------------------------------------------------------------------------
+
+
+def _app_dirs() -> list[Path]:
+    """Folders a relative config path may be relative to: here, then the installed app (FAB)."""
+    dirs = [Path.cwd()]
+    for entry in sys.path:
+        path = Path(entry or ".")
+        if (path / "pyproject.toml").is_file() and path not in dirs:
+            dirs.append(path)
+    return dirs
+
+
+def load_run_config(run_config: Mapping[str, Any]):
+    """The ExperimentConfig a ``flwr run`` asks for (see the module docstring for the keys)."""
+    from ..configuration import ConfigError  # noqa: PLC0415
+    from ..experiment import load_config  # noqa: PLC0415
+
+    source = str(run_config.get("config", "") or "").strip()
+    overrides = [item.strip() for item in str(run_config.get("set", "") or "").split(";") if item.strip()]
+    if not source:
+        raise ConfigError("run config 'config' is empty: give a YAML file or inline YAML")
+    looks_like_path = "\n" not in source and source.endswith((".yaml", ".yml"))
+    if looks_like_path:
+        path = Path(source).expanduser()
+        candidates = [path] if path.is_absolute() else [d / path for d in _app_dirs()]
+        for candidate in candidates:
+            if candidate.is_file():
+                return load_config(candidate, overrides)
+        raise ConfigError(f"config file {source!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+    try:
+        tree = yaml.safe_load(source)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"run config 'config' is neither a .yaml path nor valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"run config 'config'={source[:60]!r}: expected a .yaml path or a YAML mapping")
+    return load_config(base=tree, overrides=overrides)
+
+
+def _seconds(run_config: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    value = run_config.get(key, default)
+    if value is None:
+        return None
+    value = float(value)
+    return value if value > 0 else None
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def deployment_main(grid: Grid, context: Context) -> None:
+    """``flwr run``: run the configured experiment across the SuperNodes; write its results folder."""
+    from ..experiment import run_experiment  # noqa: PLC0415
+
+    run_config = context.run_config
+    config = load_run_config(run_config)
+    out = Path(str(run_config.get("out", "") or "") or Path("runs") / config.name).expanduser()
+    node_timeout = _seconds(run_config, "node-timeout", 120.0) or 120.0
+    stage_timeout = _seconds(run_config, "stage-timeout", None)
+
+    def runner(prepared: Any, on_round: Any) -> dict[str, Any]:
+        return run_on_grid(grid, prepared, on_round, node_timeout=node_timeout, stage_timeout=stage_timeout,
+                           runtime="flower-deployment")
+
+    def on_round(row: dict[str, Any]) -> None:
+        acc = row.get("personalized_acc_mean")
+        log.info("round %d done in %.1f s%s; failures: %s", row["round"], row.get("timing", {}).get("round_s", float("nan")),
+                    "" if acc is None else f", own-model accuracy {100 * acc:.2f}%", row.get("failures") or "none")
+
+    log.info("hetpfl: %s (%s on %s, %d clients, %d rounds) -> %s", config.name, config.algorithm["name"],
+                config.data.dataset, config.data.num_clients, config.rounds, out.resolve())
+    summary = run_experiment(config, out, on_round=on_round, runner=runner)
+    final = summary["final"].get("personalized_acc_mean")
+    log.info("hetpfl: done in %.1f s, own-model accuracy %s; results in %s", summary["wall_time_s"],
+                "n/a" if final is None else f"{100 * final:.2f}%", out.resolve())
+
+
+__all__ = ["client_app", "load_run_config", "server_app", "stage_names"]
