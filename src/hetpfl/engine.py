@@ -201,6 +201,23 @@ def evaluate_extra_models(models: dict[str, dict[int, torch.nn.Module]], data: F
     return out
 
 
+def cluster_measures(server: Server, data: FederatedData) -> dict[str, Any]:
+    """A clustering method's assignment and, where the partition has true groups, its adjusted
+    Rand index against them (over the clients assigned so far). Computed here, outside the
+    algorithm, so the server never sees the true groups."""
+    assignment = server.cluster_assignment()
+    if assignment is None:
+        return {}
+    assignment = np.asarray(assignment, dtype=np.int64)
+    out: dict[str, Any] = {"cluster_assignment": assignment.tolist()}
+    seen = assignment >= 0
+    if data.client_groups is not None and seen.any():
+        from sklearn.metrics import adjusted_rand_score  # noqa: PLC0415 (only clustering methods need it)
+
+        out["cluster_ari"] = float(adjusted_rand_score(np.asarray(data.client_groups)[seen], assignment[seen]))
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------
@@ -225,6 +242,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         train_s = time.perf_counter() - t0
         record: dict[str, Any] = {"round": rnd, "clients": list(schedule[rnd])}
         record["server"] = {k: float(v) for k, v in (server_measures or {}).items()}
+        record.update(cluster_measures(server, run.data))
         t1 = time.perf_counter()
         if (rnd + 1) % run.eval_every == 0 or rnd == run.rounds - 1:
             record.update(evaluate_round(run, server, transport, rnd, ledger))
@@ -255,7 +273,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
             last = record
         if on_round is not None:
             on_round(record)
-    final = {k: v for k, v in last.items() if k.endswith(("_mean", "_std", "_worst10")) or k.endswith("client_acc") or k == "acc_by_arch"}
+    final = {k: v for k, v in last.items() if k.endswith(("_mean", "_std", "_worst10")) or k.endswith("client_acc") or k in ("acc_by_arch", "cluster_ari")}
     return {
         "algorithm": run.algorithm.name,
         "dataset": run.data.name,

@@ -221,8 +221,13 @@ def prepare(config: ExperimentConfig) -> Prepared:
          **({"group": int(data.client_groups[i])} if data.client_groups is not None else {})}
         for i, arch in enumerate(archs)
     ]
+    algorithm_config = config._algorithm_config()
+    if getattr(algorithm_config, "uses_public_labels", False):
+        # An explicit, opt-in LEAK (e.g. cosmos client_weighting=public_labels, the official code's
+        # loss weights): only then do the public set's true labels reach an algorithm.
+        algorithm_config.attach_public_labels(data.public.labels_for_evaluation())
     run = RunSpec(
-        algorithm=spec, algorithm_config=config._algorithm_config(), training=config.client, data=data,
+        algorithm=spec, algorithm_config=algorithm_config, training=config.client, data=data,
         client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
         eval_every=config.eval_every, compression=config.runtime.compression,
     )
@@ -246,8 +251,13 @@ def run_experiment(
     out_dir: str | Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_prepared: Callable[[Prepared], None] | None = None,
+    runner: Callable[..., dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Prepare, run, and write ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and plots."""
+    """Prepare, run, and write ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and plots.
+
+    ``runner(prepared, on_round=...)`` runs the rounds (default :func:`execute`); the Flower
+    deployment ServerApp passes its own, so a deployment writes the very same folder.
+    """
     from .plots import plot_run  # noqa: PLC0415
 
     out = Path(out_dir)
@@ -268,11 +278,12 @@ def run_experiment(
             if on_round is not None:
                 on_round(row)
 
-        summary = execute(prepared, on_round=record)
+        summary = (runner or execute)(prepared, on_round=record)
+    runtime = summary.pop("runtime", config.runtime.name)
     summary = {
         "name": config.name,
         **summary,
-        "runtime": config.runtime.name,
+        "runtime": runtime,
         "setup_time_s": time.perf_counter() - started - summary["wall_time_s"],
         "clients": prepared.clients,
         "partition": {"scheme": config.data.partition, "label_counts": prepared.run.data.label_counts().tolist(),

@@ -125,6 +125,11 @@ class Server:
         ``{"server": {client: cluster_model}}`` or ``{"global": {client: global_model}}``."""
         return {}
 
+    def cluster_assignment(self) -> np.ndarray | None:
+        """For clustering methods: each client's cluster id (-1: none yet), else None. The engine
+        compares it with the true groups (the server never sees them)."""
+        return None
+
 
 class Client:
     """Base client. A stage named ``s`` is handled by the method ``s(message, ctx)``."""
