@@ -38,3 +38,43 @@ def test_state_stores_round_trip(store_cls, tmp_path):
     got = store.get(3)
     np.testing.assert_array_equal(got["model"]["w"], np.arange(4))
     assert got["algorithm"] == {"pretrained": True}
+
+
+class _StubTransport:
+    """Replies to 'communicate' with NaN scores from client 1 and valid scores from the others."""
+
+    def __init__(self, remote):
+        self.remote = remote
+
+    def exchange(self, stage, rnd, messages):
+        from hetpfl.engine import Exchange
+        from hetpfl.messages import Message
+
+        replies = {}
+        for client, message in messages.items():
+            scores = np.zeros((len(message.arrays["public_idx"]), 10), np.float32)
+            if client == 1:
+                scores[0, 0] = np.nan
+            replies[client] = Message({"scores": scores})
+        return Exchange(replies=replies)
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_invalid_reply_is_a_failure_remotely_and_a_bug_in_process(remote):
+    from conftest import small_config
+    from hetpfl.engine import Ledger, RoundComm
+    from hetpfl.experiment import prepare
+    from hetpfl.messages import Message, MessageError
+
+    run = prepare(small_config("fedmd", rounds=1)).run
+    ledger = Ledger(run.num_clients)
+    comm = RoundComm(run, _StubTransport(remote), 0, ledger)
+    ask = {c: Message({"public_idx": np.arange(5, dtype=np.int64)}) for c in range(3)}
+    if not remote:
+        with pytest.raises(MessageError, match="client 1.*NaN"):
+            comm.ask("communicate", ask)
+        return
+    replies = comm.ask("communicate", ask)
+    assert sorted(replies) == [0, 2]
+    assert "invalid reply" in ledger.failures[1] and "NaN" in ledger.failures[1]
+    assert ledger.up[1] > 0  # the bytes did travel

@@ -31,6 +31,8 @@ EXECUTORS = {"sequential": SequentialExecutor}
 class InProcessTransport:
     """Delivers each stage's messages to the hosted clients and collects their replies."""
 
+    remote = False  # an invalid reply is a bug in this process: raise it
+
     def __init__(self, host: ClientHost, executor: Executor | None = None) -> None:
         self.host = host
         self.executor = executor or SequentialExecutor()

@@ -174,6 +174,8 @@ class FlowerTransport:
     reported in :attr:`Exchange.failures` and left out of the replies; the round goes on.
     """
 
+    remote = True  # a reply that breaks its schema is that client's failure, not the run's
+
     def __init__(
         self,
         grid: "Grid",
