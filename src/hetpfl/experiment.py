@@ -93,6 +93,9 @@ class RuntimeConfig:
     client_state: str = "memory"  # memory | disk (spill personal models to disk)
     executor: str = "sequential"
     compression: str = "none"  # none | fp16 (messages' float32 arrays travel as float16)
+    # CPU threads for torch. 1 is as fast for these small models, far faster on a busy machine
+    # (OpenMP threads spin), and part of reproducibility: reduction order depends on it.
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
         require(self.name in RUNTIMES, "runtime.name", self.name, f"expected one of {', '.join(RUNTIMES)}")
@@ -101,6 +104,7 @@ class RuntimeConfig:
         require(self.executor in ("sequential",), "runtime.executor", self.executor, "expected sequential")
         require(self.compression in ("none", "fp16"), "runtime.compression", self.compression,
                 "expected none or fp16")
+        require(self.torch_threads >= 1, "runtime.torch_threads", self.torch_threads, "must be >= 1")
 
 
 @dataclass
@@ -237,6 +241,9 @@ def prepare(config: ExperimentConfig) -> Prepared:
 def execute(prepared: Prepared, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run a prepared experiment on its configured runtime and return the summary."""
     runtime = prepared.config.runtime
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(runtime.torch_threads)
     if runtime.name == "simulator":
         from .simulator import simulate  # noqa: PLC0415
 
