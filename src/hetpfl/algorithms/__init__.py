@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from . import fedavg, fedmd, local
+from . import comet, cosmos, fedavg, fedct, fedmd, local
 from .base import AlgorithmSpec
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {spec.name: spec for spec in (local.SPEC, fedavg.SPEC, fedmd.SPEC)}
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    spec.name: spec for spec in (local.SPEC, fedavg.SPEC, fedmd.SPEC, cosmos.SPEC, comet.SPEC, fedct.SPEC)
+}
 
 
 def get_algorithm(name: str) -> AlgorithmSpec:
