@@ -65,7 +65,7 @@ def test_fedavg_moves_whole_models(tmp_path):
 def test_disk_state_store_gives_identical_results(tmp_path):
     run_experiment(small_config("fedmd"), tmp_path / "mem")
     run_experiment(small_config("fedmd", **{"runtime.client_state": "disk"}), tmp_path / "disk")
-    strip = lambda text: [{k: v for k, v in json.loads(l).items() if not k.startswith(("time", "wall"))} for l in text.splitlines()]  # noqa: E731
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.startswith(("time", "wall"))} for line in text.splitlines()]  # noqa: E731
     assert strip(_rows(tmp_path / "mem")) == strip(_rows(tmp_path / "disk"))
 
 

@@ -9,7 +9,7 @@ with one method per stage. Nothing here knows which runtime carries the messages
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..messages import Message, Schema, StageSchema
-from .base import PROBS, AlgorithmSpec, Comm, Server, ServerSetup
+from ..messages import Message
+from .base import AlgorithmSpec, Comm, Server, ServerSetup
 from .clustering import kmeans
-from .pseudo_label_client import PseudoLabelClient, PseudoLabelClientConfig
+from .pseudo_label_client import SOFT_LABEL_ROUND, PseudoLabelClient, PseudoLabelClientConfig
 from .soft_labels import AGGREGATIONS, aggregate_probabilities
 
 
@@ -83,12 +83,7 @@ SPEC = AlgorithmSpec(
     config_cls=CometConfig,
     server_cls=CometServer,
     client_cls=PseudoLabelClient,
-    schemas={
-        "round": StageSchema(
-            down=Schema(arrays={"targets": PROBS}, optional=frozenset({"targets"})),
-            up=Schema(arrays={"probs": PROBS}),
-        )
-    },
+    schemas={"round": SOFT_LABEL_ROUND},
     summary="Clients distill the average soft labels of their k-means cluster (no server model).",
     uses_public=True,
 )

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from ..learn import OptimOptions, distill, predict_proba
-from ..messages import Message, Schema, StageSchema
+from ..messages import Message
 from ..rng import derive_seed
-from .base import PROBS, AlgorithmSpec, Comm, Server, ServerSetup
+from .base import AlgorithmSpec, Comm, Server, ServerSetup
 from .clustering import (
     DISTANCES,
     ClusterChoice,
@@ -47,7 +47,7 @@ from .clustering import (
     oracle_threshold,
     pairwise_distances,
 )
-from .pseudo_label_client import PseudoLabelClient, PseudoLabelClientConfig
+from .pseudo_label_client import SOFT_LABEL_ROUND, PseudoLabelClient, PseudoLabelClientConfig
 from .soft_labels import AGGREGATIONS, aggregate_probabilities
 
 CLUSTER_SELECTIONS = ("auto", "oracle", "threshold")
@@ -264,12 +264,7 @@ SPEC = AlgorithmSpec(
     config_cls=CosmosConfig,
     server_cls=CosmosServer,
     client_cls=PseudoLabelClient,
-    schemas={
-        "round": StageSchema(
-            down=Schema(arrays={"targets": PROBS}, optional=frozenset({"targets"})),
-            up=Schema(arrays={"probs": PROBS}),
-        )
-    },
+    schemas={"round": SOFT_LABEL_ROUND},
     summary="Clients distill their cluster's server-model pseudo-labels; the server clusters clients by "
     "their public predictions and trains one model per cluster on the cluster's aggregated soft labels.",
     uses_public=True,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..learn import distill, predict_proba
-from ..messages import ArrayField, Message
-from .base import Client, ClientContext, train_locally
+from ..messages import ArrayField, Message, Schema, StageSchema
+from .base import PROBS, Client, ClientContext, train_locally
 
 CLIENT_WEIGHTINGS = ("pseudo_label", "none", "public_labels")
 
@@ -166,3 +166,11 @@ class HardLabelClient(PseudoLabelClient):
 
     def upload(self, probs: np.ndarray, ctx: ClientContext) -> Message:
         return Message({"labels": probs.argmax(axis=-1).astype(np.int64)})
+
+
+# The one stage of COSMOS and COMET: soft targets down (none in a client's first round), soft
+# predictions on the public inputs up.
+SOFT_LABEL_ROUND = StageSchema(
+    down=Schema(arrays={"targets": PROBS}, optional=frozenset({"targets"})),
+    up=Schema(arrays={"probs": PROBS}),
+)
