@@ -24,8 +24,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/hetpfl run configs/default.yaml -o runs/default
 
+# Flower's Ray simulation and the loopback deployment start their own processes: they run after
+# the rest, alone, so they never compete with a second pytest worker for the two cores.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not flower"
+	$(PY) -m pytest -q -m flower
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
