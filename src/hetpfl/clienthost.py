@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from .algorithms.base import Client, ClientContext
@@ -123,9 +122,3 @@ class ClientHost:
         state["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.store.put(client_id, state)
         return compress(reply, run.compression)
-
-
-def describe_state(state: dict[str, Any]) -> dict[str, Any]:
-    """Sizes of a stored client state (for debugging and memory benchmarks)."""
-    n = sum(int(np.prod(v.shape)) for v in state["model"].values())
-    return {"model_numbers": n, "algorithm_keys": sorted(state["algorithm"])}

@@ -302,9 +302,4 @@ def run_experiment(
     return summary
 
 
-def config_defaults() -> dict[str, Any]:
-    """The full default config as plain data (for docs and ``hetpfl config``)."""
-    return to_plain(ExperimentConfig())
-
-
 __all__ = ["ExperimentConfig", "Prepared", "execute", "load_config", "prepare", "run_experiment"]

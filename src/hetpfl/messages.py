@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Union
+from typing import Mapping, Union
 
 import numpy as np
 
@@ -244,7 +244,3 @@ def compress(message: Message, mode: str | None) -> Message:
 def decompress(message: Message) -> Message:
     arrays = {k: (a.astype(np.float32) if a.dtype == np.float16 else a) for k, a in message.arrays.items()}
     return Message(arrays, dict(message.scalars))
-
-
-def total_bytes(messages: Iterable[Message]) -> int:
-    return sum(m.num_bytes for m in messages)

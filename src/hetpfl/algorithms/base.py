@@ -163,11 +163,6 @@ class AlgorithmSpec:
     homogeneous_only: bool = False
     uses_public: bool = False
 
-    def make_config(self, values: Mapping[str, Any] | None = None) -> Any:
-        from ..configuration import build_dataclass  # noqa: PLC0415 (a leaf helper module)
-
-        return build_dataclass(self.config_cls, dict(values or {}), prefix="algorithm")
-
     def schema(self, stage: str) -> StageSchema:
         if stage == EVALUATE_STAGE:
             return EVALUATE_SCHEMA
