@@ -66,6 +66,8 @@ class RunSpec:
         )
 
     def make_server(self) -> Server:
+        if self.algorithm.uses_public and len(self.data.public) == 0:
+            raise ValueError(f"{self.algorithm.name} needs a public set: set data.public_fraction > 0")
         return self.algorithm.server_cls(self.algorithm_config, self.server_setup())
 
     def schedule(self) -> list[list[int]]:

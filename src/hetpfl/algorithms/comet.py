@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..messages import Message
 from .base import AlgorithmSpec, Comm, Server, ServerSetup
 from .clustering import kmeans
-from .pseudo_label_client import SOFT_LABEL_ROUND, PseudoLabelClient, PseudoLabelClientConfig
+from .pseudo_label_client import SOFT_LABEL_ROUND, cluster_targets, PseudoLabelClient, PseudoLabelClientConfig
 from .soft_labels import AGGREGATIONS, aggregate_probabilities
 
 
@@ -42,18 +41,12 @@ class CometConfig(PseudoLabelClientConfig):
 class CometServer(Server):
     def __init__(self, config: CometConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
-        if setup.public_inputs is None or len(setup.public_inputs) == 0:
-            raise ValueError("comet needs a public set: set data.public_fraction > 0")
         self.assignment = np.full(setup.num_clients, -1, dtype=np.int64)
         self.centroids: np.ndarray | None = None
         self.feedback: dict[int, np.ndarray] = {}  # cluster-averaged soft labels, sent next round
 
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
-        down = {}
-        for c in clients:
-            k = int(self.assignment[c])
-            down[c] = Message({"targets": self.feedback[k]}) if k in self.feedback else Message()
-        replies = comm.ask("round", down)
+        replies = comm.ask("round", cluster_targets(clients, self.assignment, self.feedback))
         if not replies:
             return {}
         ids = sorted(replies)
@@ -61,7 +54,7 @@ class CometServer(Server):
         if self.centroids is None or self.config.recluster_every_round:
             k = min(self.config.num_clusters, len(ids))
             warm = self.centroids if self.centroids is not None and len(self.centroids) == k else None
-            labels, self.centroids = kmeans(points, self.config.num_clusters, self.setup.rng("kmeans", rnd),
+            labels, self.centroids = kmeans(points, k, self.setup.rng("kmeans", rnd),
                                             init=warm, restarts=self.config.kmeans_restarts)
         else:  # clustered once: clients keep their cluster, a newcomer joins the nearest centroid
             nearest = ((points[:, None, :] - self.centroids[None]) ** 2).sum(-1).argmin(axis=1)

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from ..learn import OptimOptions, distill, predict_proba
-from ..messages import Message
 from ..rng import derive_seed
 from .base import AlgorithmSpec, Comm, Server, ServerSetup
 from .clustering import (
@@ -47,7 +46,7 @@ from .clustering import (
     oracle_threshold,
     pairwise_distances,
 )
-from .pseudo_label_client import SOFT_LABEL_ROUND, PseudoLabelClient, PseudoLabelClientConfig
+from .pseudo_label_client import SOFT_LABEL_ROUND, cluster_targets, PseudoLabelClient, PseudoLabelClientConfig
 from .soft_labels import AGGREGATIONS, aggregate_probabilities
 
 CLUSTER_SELECTIONS = ("auto", "oracle", "threshold")
@@ -140,8 +139,6 @@ def collapsed(predictions: np.ndarray, targets: np.ndarray) -> bool:
 class CosmosServer(Server):
     def __init__(self, config: CosmosConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
-        if setup.public_inputs is None or len(setup.public_inputs) == 0:
-            raise ValueError("cosmos needs a public set: set data.public_fraction > 0")
         self.assignment = np.full(setup.num_clients, -1, dtype=np.int64)  # cluster id per client
         self.models: dict[int, nn.Module] = {}  # g_k, kept across rounds
         self.aggregates: dict[int, np.ndarray] = {}  # pbar_k of the last round (assigns newcomers)
@@ -152,11 +149,7 @@ class CosmosServer(Server):
 
     # -- one round ------------------------------------------------------------------------------
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
-        down = {}
-        for c in clients:
-            k = int(self.assignment[c])
-            down[c] = Message({"targets": self.feedback[k]}) if k in self.feedback else Message()
-        replies = comm.ask("round", down)
+        replies = comm.ask("round", cluster_targets(clients, self.assignment, self.feedback))
         probs = {c: m.arrays["probs"] for c, m in replies.items()}
         if not probs:
             return {}

@@ -28,8 +28,6 @@ class FedCTConfig(PseudoLabelClientConfig):
 class FedCTServer(Server):
     def __init__(self, config: FedCTConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
-        if setup.public_inputs is None or len(setup.public_inputs) == 0:
-            raise ValueError("fedct needs a public set: set data.public_fraction > 0")
         self.consensus: np.ndarray | None = None
 
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:

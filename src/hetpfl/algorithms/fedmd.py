@@ -21,7 +21,7 @@ import numpy as np
 
 from ..learn import distill, predict_logits
 from ..messages import ArrayField, Message, Schema, StageSchema
-from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally
+from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, train_locally
 
 
 @dataclass
@@ -46,11 +46,6 @@ class FedMDConfig:
 
 
 class FedMDServer(Server):
-    def __init__(self, config: FedMDConfig, setup: ServerSetup) -> None:
-        super().__init__(config, setup)
-        if setup.public_inputs is None or len(setup.public_inputs) == 0:
-            raise ValueError("fedmd needs a public set: set data.public_fraction > 0")
-
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
         subset = self._public_subset(rnd)
         predictions = comm.ask("communicate", {c: Message({"public_idx": subset}) for c in clients})

@@ -136,8 +136,6 @@ class PseudoLabelClient(Client):
     """One stage, ``round``: distill the received targets (if any), train locally, upload."""
 
     def round(self, message: Message, ctx: ClientContext) -> Message:
-        if ctx.public_inputs is None:
-            raise ValueError(f"client {ctx.client_id}: this method needs public inputs")
         targets = self.targets(message, ctx)
         if targets is not None:
             distill_targets(self.config, ctx, targets)
@@ -174,3 +172,9 @@ SOFT_LABEL_ROUND = StageSchema(
     down=Schema(arrays={"targets": PROBS}, optional=frozenset({"targets"})),
     up=Schema(arrays={"probs": PROBS}),
 )
+
+
+def cluster_targets(clients: list[int], assignment: np.ndarray, feedback: dict[int, np.ndarray]) -> dict[int, Message]:
+    """Each client's downlink: its cluster's targets, or an empty message before it has any."""
+    return {c: Message({"targets": feedback[int(assignment[c])]}) if int(assignment[c]) in feedback else Message()
+            for c in clients}
