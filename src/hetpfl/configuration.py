@@ -7,15 +7,81 @@ that names the dotted key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any, Mapping, Union, get_args, get_origin
+from typing import Any, Iterable, Mapping, Union, get_args, get_origin
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used (names the key, the value, what is allowed)."""
+
+
+class FieldError(ConfigError):
+    """One field's value breaks its rule; :func:`build_dataclass` prefixes ``key`` with the section
+    so every message reads ``data.num_clients=0: must be >= 1``."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        self.key, self.value, self.rule = key, value, rule
+        super().__init__(f"{key}={value!r}: {rule}")
+
+
+# --------------------------------------------------------------------------------------------
+# Declarative constraints: a field states its bounds or allowed values once, in its declaration
+# --------------------------------------------------------------------------------------------
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           choices: Iterable[Any] | None = None) -> Any:
+    """A dataclass field with its rule: numeric bounds (``ge``, ``gt``, ``le``, ``lt``; a bounded
+    number must also be finite) and/or ``choices`` (the one list of allowed values, e.g.
+    ``learn.OPTIMIZERS``, read when checked). ``None`` always passes (the type decides if it may
+    be None). Checked by :class:`Validated` whenever the dataclass is built, from YAML or code."""
+    rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if choices is not None:
+        rules["choices"] = choices
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rules": rules})
+
+
+def check_rules(key: str, value: Any, rules: Mapping[str, Any]) -> None:
+    """Raise :class:`FieldError` if ``value`` breaks ``rules`` (see :func:`option`)."""
+    if value is None or not rules:
+        return
+    choices = rules.get("choices")
+    if choices is not None and value not in choices:
+        raise FieldError(key, value, f"expected one of {', '.join(map(str, choices))}")
+    bounds = [(k, rules[k]) for k in _BOUNDS if k in rules]
+    if not bounds:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(key, value, "expected a number")
+    if not math.isfinite(value):
+        raise FieldError(key, value, "must be finite")
+    ok = all({"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds)
+    if not ok:
+        if len(bounds) == 2:
+            (lo_k, lo), (hi_k, hi) = bounds
+            rule = f"must be in {'[' if lo_k == 'ge' else '('}{lo:g}, {hi:g}{']' if hi_k == 'le' else ')'}"
+        else:
+            rule = " and ".join(f"must be {_BOUNDS[k]} {b:g}" for k, b in bounds)
+        raise FieldError(key, value, rule)
+
+
+class Validated:
+    """Mixin for config dataclasses: checks every :func:`option` rule after construction.
+
+    Subclasses with a ``__post_init__`` of their own call ``super().__post_init__()`` first and
+    raise :class:`FieldError` for rules that tie several fields together.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check_rules(f.name, getattr(self, f.name), f.metadata.get("rules", {}))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -47,22 +113,30 @@ def apply_override(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def check_keys(where: str, given: Iterable[str], allowed: Iterable[str], what: str = "key") -> None:
+    """The one "unknown key" rule (config sections, dataset options, partition parameters): raise
+    :class:`ConfigError` as ``where.name: unknown key (allowed in where: ...)``."""
+    allowed = list(allowed)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        listed = ", ".join(sorted(allowed)) if allowed else "none"
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown {what} (allowed in {where or 'the top level'}: {listed})")
+
+
 def build_dataclass(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     """Build ``cls`` from ``values``, checking every key and type. ``prefix`` names the section."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{prefix}: expected a mapping, got {type(values).__name__} {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{_join(prefix, unknown[0])}: unknown key (allowed in '{prefix or 'top level'}': {', '.join(sorted(fields))})"
-        )
+    check_keys(prefix, values, fields)
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = coerce(hints[name], value, _join(prefix, name))
     try:
         return cls(**kwargs)
+    except FieldError as exc:
+        raise FieldError(_join(prefix, exc.key), exc.value, exc.rule) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
@@ -145,6 +219,7 @@ def to_plain(obj: Any) -> Any:
 
 
 def require(condition: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise a :class:`ConfigError` naming ``key``, ``value`` and what is ``allowed``."""
+    """Raise a :class:`FieldError` naming ``key``, ``value`` and what is ``allowed`` (for rules
+    that tie several fields together; single-field rules are declared with :func:`option`)."""
     if not condition:
-        raise ConfigError(f"{key}={value!r}: {allowed}")
+        raise FieldError(key, value, allowed)
