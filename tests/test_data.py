@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import hetpfl.data.federated as federated_mod
-import hetpfl.data.sources as sources_mod
+import hetpfl.data.sources.download as download_mod
+import hetpfl.data.sources.idx as idx_mod
 from hetpfl.data import (
     DATASETS,
     PARTITIONERS,
@@ -37,6 +38,7 @@ from hetpfl.data import (
     resolve_cache_dir,
     resolve_data_dir,
 )
+from hetpfl.configuration import ConfigError
 from hetpfl.rng import numpy_rng
 
 
@@ -55,6 +57,14 @@ def _balanced_labels(per_class: int = 300, c: int = 10, seed: int = 0) -> np.nda
     return (
         np.random.default_rng(seed).permutation(np.repeat(np.arange(c), per_class)).astype(np.int64)
     )
+
+
+def _names_all(exc: pytest.ExceptionInfo, *parts: str) -> None:
+    """The error message names every one of ``parts`` (where, the bad key, the allowed ones)."""
+    msg = str(exc.value)
+    assert isinstance(exc.value, ValueError)
+    for part in parts:
+        assert part in msg, (part, msg)
 
 
 def _check_exact_cover(part: Partition, n: int, num_clients: int) -> None:
@@ -265,8 +275,12 @@ def test_unknown_scheme_and_param():
     with pytest.raises(ValueError, match="nope") as exc:
         partition_labels("nope", y, 3, numpy_rng(0))
     assert "dirichlet" in str(exc.value)
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(ConfigError) as exc:
         partition_labels("dirichlet", y, 3, numpy_rng(0), beta=1.0)
+    _names_all(exc, "partitions.dirichlet", "beta", "unknown parameter", "alpha, max_retries, min_size")
+    with pytest.raises(ConfigError) as exc:
+        partition_labels("iid", y, 3, numpy_rng(0), alpha=1.0)
+    _names_all(exc, "partitions.iid", "alpha", "unknown parameter", "none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,8 +490,15 @@ def test_gaussian_dataset():
     assert (pred == src2.test.y).mean() > 0.95
     assert np.array_equal(load_dataset("gaussian").train.x, src.train.x)
     assert not np.array_equal(load_dataset("gaussian", seed=1).train.x, src.train.x)
-    with pytest.raises(ValueError, match="colour"):
+    with pytest.raises(ConfigError) as exc:
         load_dataset("gaussian", colour=1)
+    _names_all(
+        exc, "datasets.gaussian", "colour", "unknown option",
+        "dim, n_test, n_train, num_classes, seed, separation",
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_dataset("gaussian", cache=False)  # nothing is cached for generated mixtures
+    _names_all(exc, "datasets.gaussian", "cache", "unknown option")
 
 
 def test_unknown_dataset_name():
@@ -660,7 +681,7 @@ def test_download_failure_is_unavailable_error(tmp_path, monkeypatch):
         calls.append((url, timeout))
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(sources_mod.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", offline)
     with pytest.raises(DatasetUnavailableError) as exc:
         load_dataset("mnist", tmp_path, download=True)
     msg = str(exc.value)
@@ -684,13 +705,13 @@ def _serve(monkeypatch, files: dict[str, bytes]) -> list[str]:
             raise urllib.error.HTTPError(url, 404, "not found", {}, None)
         return io.BytesIO(files[name])
 
-    monkeypatch.setattr(sources_mod.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", fake_urlopen)
     return served
 
 
 def test_download_verifies_md5(tmp_path, monkeypatch):
     files = _fake_idx_files()
-    spec = sources_mod._IDX_SPECS["fashion_mnist"]
+    spec = idx_mod._IDX_SPECS["fashion_mnist"]
     for name, data in files.items():
         monkeypatch.setitem(spec.md5, name, hashlib.md5(data).hexdigest())
     served = _serve(monkeypatch, files)
@@ -855,15 +876,19 @@ def test_unwritable_cache_only_warns(tmp_path, monkeypatch):
 
 
 def test_real_dataset_options_rejected(tmp_path):
-    with pytest.raises(ValueError, match="resize"):
+    with pytest.raises(ConfigError) as exc:
         load_dataset("mnist", tmp_path, download=False, resize=32)
+    _names_all(exc, "datasets.mnist", "resize", "unknown option", "cache")
+    with pytest.raises(ConfigError) as exc:
+        load_dataset("digits", cache=False)
+    _names_all(exc, "datasets.digits", "cache", "unknown option", "none")
 
 
 def test_download_into_unwritable_folder(tmp_path, monkeypatch):
     def must_not_be_called(url, timeout=None):
         raise AssertionError("no download should start")
 
-    monkeypatch.setattr(sources_mod.urllib.request, "urlopen", must_not_be_called)
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", must_not_be_called)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the data folder should be")
     with pytest.raises(DatasetUnavailableError, match="not writable") as exc:

@@ -15,65 +15,45 @@ stream):
 
 The public set's labels are kept apart: :class:`PublicSet` exposes only ``inputs``; the labels are
 reachable through :meth:`PublicSet.labels_for_evaluation`, which algorithm code must never call.
+
+Data over time: :meth:`FederatedData.train_at` / :meth:`FederatedData.test_at` give a client's
+view in a round. Without a drift schedule they are the static splits themselves; with one
+(``drift={"scheme": "class_incremental", ...}``, see :mod:`hetpfl.data.schedule`) every sample
+also carries a task id and each round sees the part of the split its schedule names. The
+partition, the public set and the client test split do not depend on the drift option.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from hetpfl.data._common import apportion, check_int
 from hetpfl.data.partition import partition_labels
+from hetpfl.data.public import PublicSet
+from hetpfl.data.schedule import DriftSchedule, make_drift_schedule
 from hetpfl.data.sources import ArrayDataset, DatasetSource
+from hetpfl.data.sources.base import INPUT_KINDS, infer_input_kind
 from hetpfl.rng import numpy_rng
 
 __all__ = ["FederatedData", "PublicSet", "build_federated_data"]
 
 
-class PublicSet:
-    """Unlabeled public inputs shared by all parties (e.g. for distillation).
-
-    ``inputs`` is a read-only array. The true labels are held apart, only for evaluation and
-    audits (for example, measuring pseudo-label accuracy): :meth:`labels_for_evaluation`.
-    """
-
-    __slots__ = ("__labels", "inputs")
-
-    def __init__(self, inputs: np.ndarray, labels: np.ndarray) -> None:
-        inputs = np.array(inputs, dtype=np.float32, copy=True)
-        labels = np.array(labels, dtype=np.int64, copy=True)
-        if inputs.shape[0] != labels.shape[0]:
-            raise ValueError(f"public set: {inputs.shape[0]} inputs but {labels.shape[0]} labels")
-        inputs.flags.writeable = False
-        labels.flags.writeable = False
-        self.inputs = inputs
-        self.__labels = labels
-
-    def labels_for_evaluation(self) -> np.ndarray:
-        """The true labels of the public inputs (read-only).
-
-        For evaluation and audit code only. NEVER call this from algorithm code: the public set is
-        unlabeled by assumption, and using these labels would leak information no client has.
-        """
-        return self.__labels
-
-    def __len__(self) -> int:
-        return int(self.inputs.shape[0])
-
-    def __repr__(self) -> str:
-        return f"PublicSet(n={len(self)}, input_shape={tuple(self.inputs.shape[1:])})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"inputs": np.array(self.inputs), "labels": np.array(self.__labels)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        PublicSet.__init__(self, state["inputs"], state["labels"])
-
-
 @dataclass(eq=False)
 class FederatedData:
-    """Per-client private train and test data, the public set and the global test split."""
+    """Per-client private train and test data, the public set and the global test split.
+
+    ``client_train`` / ``client_test`` are the whole (static) splits. What a client sees in round
+    ``rnd`` is :meth:`train_at` / :meth:`test_at`: the static splits themselves when ``drift`` is
+    None, else the views the drift schedule names (built once, cached per instance: a copy made
+    with ``dataclasses.replace`` starts with an empty cache, and a view is rebuilt whenever the
+    split it came from was replaced). ``input_kind``: one of
+    :data:`~hetpfl.data.sources.base.INPUT_KINDS` (inferred from the inputs when left empty).
+    ``tasks``: task names (a sample's ``task`` id indexes them; empty without tasks).
+    """
 
     name: str
     input_shape: tuple[int, ...]
@@ -88,10 +68,61 @@ class FederatedData:
     test_indices: list[np.ndarray] = field(default_factory=list)  # indices into source.test
     scheme: str = ""
     seed: int | None = None
+    input_kind: str = ""
+    tasks: tuple[str, ...] = ()
+    drift: DriftSchedule | None = None
+    _views: dict[tuple[str, int, Any], tuple[ArrayDataset, ArrayDataset]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if not self.input_kind:
+            sample = self.global_test.x if len(self.global_test) else self.public.inputs
+            self.input_kind = infer_input_kind(sample, tuple(self.input_shape))
+        if self.input_kind not in INPUT_KINDS:
+            raise ValueError(
+                f"unknown input_kind {self.input_kind!r}; allowed: {', '.join(INPUT_KINDS)}"
+            )
+        self.tasks = tuple(self.tasks)
 
     @property
     def num_clients(self) -> int:
         return len(self.client_train)
+
+    def train_at(self, client: int, rnd: int) -> ArrayDataset:
+        """Client ``client``'s training data in round ``rnd`` (from 0). Without drift this is
+        ``client_train[client]`` itself (no copy)."""
+        return self._view("train", client, rnd, self.client_train[client])
+
+    def test_at(self, client: int, rnd: int) -> ArrayDataset:
+        """Client ``client``'s test data in round ``rnd`` (from 0). Without drift this is
+        ``client_test[client]`` itself (no copy)."""
+        return self._view("test", client, rnd, self.client_test[client])
+
+    def _view(self, split: str, client: int, rnd: int, data: ArrayDataset) -> ArrayDataset:
+        if self.drift is None:
+            return data
+        if client < 0:
+            raise IndexError(f"client {client} out of range 0..{self.num_clients - 1}")
+        key = self.drift.view_key(split, client, rnd)
+        if key is None:
+            return data
+        slot = (split, client, key)
+        hit = self._views.get(slot)
+        if hit is not None and hit[0] is data:
+            return hit[1]
+        view = data.subset(self.drift.select(split, data, key))
+        self._views[slot] = (data, view)
+        return view
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_views"] = {}  # views are rebuilt on demand; never pickle them
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._views = {}
 
     def label_counts(self) -> np.ndarray:
         """``(num_clients, num_classes)`` counts of every client's private train labels."""
@@ -123,6 +154,8 @@ class FederatedData:
             ng = int(self.client_groups.max()) + 1 if self.client_groups.size else 0
             per = np.bincount(self.client_groups, minlength=ng)
             text += f"; {ng} true client groups of sizes {per.tolist()}"
+        if self.drift is not None:
+            text += f"; {self.drift.describe()}"
         return text + "."
 
 
@@ -150,26 +183,6 @@ def _balanced_counts(available: np.ndarray, total: int, rng: np.random.Generator
     return counts
 
 
-def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    raw = w / w.sum() * total
-    out = np.floor(raw).astype(np.int64)
-    rest = total - int(out.sum())
-    if rest > 0:
-        out[np.argsort(-(raw - out), kind="stable")[:rest]] += 1
-    return out
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(f"invalid {name}={value!r}: an integer >= {minimum} is allowed")
-    return int(value)
-
-
 # --------------------------------------------------------------------------------------------
 # Builder
 # --------------------------------------------------------------------------------------------
@@ -185,6 +198,7 @@ def build_federated_data(
     public_size: int | None = None,
     max_train_samples: int | None = None,
     partition_params: dict | None = None,
+    drift: Mapping[str, Any] | DriftSchedule | None = None,
 ) -> FederatedData:
     """Split ``source`` into ``num_clients`` clients with partition ``scheme``.
 
@@ -192,12 +206,15 @@ def build_federated_data(
     unlabeled public set, in [0, 1). ``public_size``: instead, exactly this many public samples,
     spread evenly over the classes. ``max_train_samples``: first subsample the train split to this
     many samples, stratified by class. ``partition_params``: keyword parameters of the scheme.
+    ``drift``: a drift schedule, ``{"scheme": name, **options}`` (:mod:`hetpfl.data.schedule`;
+    ``None`` or ``{"scheme": "none"}``: static data); it adds task ids and per-round views and
+    leaves the partition, the public set and the test split exactly as without it.
     Everything is deterministic given ``seed``.
     """
     if not isinstance(source, DatasetSource):
         raise TypeError(f"source must be a DatasetSource, got {type(source).__name__}")
-    k = _check_int("num_clients", num_clients, 1)
-    seed = _check_int("seed", seed, -(2**63))
+    k = check_int("num_clients", num_clients, 1)
+    seed = check_int("seed", seed, -(2**63))
     if (
         isinstance(public_fraction, bool)
         or not isinstance(public_fraction, (int, float, np.floating))
@@ -207,18 +224,19 @@ def build_federated_data(
             f"invalid public_fraction={public_fraction!r}: a number in [0, 1) is allowed"
         )
     if public_size is not None:
-        public_size = _check_int("public_size", public_size, 0)
+        public_size = check_int("public_size", public_size, 0)
         if public_fraction > 0:
             raise ValueError(
                 f"give either public_fraction ({public_fraction!r}) or public_size "
                 f"({public_size!r}), not both"
             )
     if max_train_samples is not None:
-        max_train_samples = _check_int("max_train_samples", max_train_samples, 1)
+        max_train_samples = check_int("max_train_samples", max_train_samples, 1)
     params = dict(partition_params or {})
+    num_classes = int(source.num_classes)
+    schedule = make_drift_schedule(drift, num_classes=num_classes, num_clients=k, seed=seed)
 
     y_all = source.train.y
-    num_classes = int(source.num_classes)
     if y_all.size and (y_all.min() < 0 or y_all.max() >= num_classes):
         raise ValueError(f"{source.name}: train labels outside 0..{num_classes - 1}")
 
@@ -227,7 +245,7 @@ def build_federated_data(
     if max_train_samples is not None and max_train_samples < pool.size:
         rng = numpy_rng(seed, "data", "subsample")
         class_sizes = np.bincount(y_all, minlength=num_classes)
-        take = _apportion(max_train_samples, class_sizes)
+        take = apportion(max_train_samples, class_sizes)
         pool = np.sort(
             np.concatenate(
                 [
@@ -300,18 +318,41 @@ def build_federated_data(
         for p in test_parts
     ]
 
+    # 5. task ids from the drift schedule (the splits above do not depend on it)
+    train, test, tasks = source.train, source.test, _source_tasks(source)
+    if schedule is not None:
+        tasks = tuple(schedule.tasks)
+        train = _with_tasks(train, schedule.task_ids(train.y))
+        test = _with_tasks(test, schedule.task_ids(test.y))
+
     return FederatedData(
         name=source.name,
         input_shape=tuple(source.input_shape),
         num_classes=num_classes,
-        client_train=[source.train.subset(ix) for ix in train_indices],
-        client_test=[source.test.subset(ix) for ix in test_indices],
+        client_train=[train.subset(ix) for ix in train_indices],
+        client_test=[test.subset(ix) for ix in test_indices],
         public=PublicSet(source.train.x[public_indices], y_all[public_indices]),
-        global_test=source.test,
+        global_test=test,
         client_groups=None if part.groups is None else np.array(part.groups),
         train_indices=train_indices,
         public_indices=public_indices,
         test_indices=test_indices,
         scheme=scheme,
         seed=seed,
+        input_kind=source.input_kind,
+        tasks=tasks,
+        drift=schedule,
     )
+
+
+def _with_tasks(data: ArrayDataset, task: np.ndarray | None) -> ArrayDataset:
+    """``data`` with task ids ``task`` (same arrays, no copy), or ``data`` itself for None."""
+    return data if task is None else ArrayDataset(data.x, data.y, task)
+
+
+def _source_tasks(source: DatasetSource) -> tuple[str, ...]:
+    """Names ``task_0 ..`` for task ids a source already carries, else ``()``."""
+    ids = [d.task for d in (source.train, source.test) if d.task is not None and d.task.size]
+    if not ids:
+        return ()
+    return tuple(f"task_{t}" for t in range(max(int(t.max()) for t in ids) + 1))

@@ -37,6 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from hetpfl.configuration import check_keys
+from hetpfl.data._common import apportion, check_fraction, check_int, check_positive
+
 __all__ = ["PARTITIONERS", "Partition", "partition_labels"]
 
 
@@ -61,38 +64,6 @@ class Partition:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, minimum: int, extra: str = "") -> int:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not ok or value < minimum:
-        raise ValueError(f"invalid {name}={value!r}: an integer >= {minimum} is allowed{extra}")
-    return int(value)
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise ValueError(f"invalid {name}={value!r}: a number is required")  # noqa: TRY004
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"invalid {name}={value!r}: a finite number is required")
-    return v
-
-
-def _check_positive(name: str, value: Any) -> float:
-    v = _check_real(name, value)
-    if v <= 0:
-        raise ValueError(f"invalid {name}={value!r}: a number > 0 is allowed")
-    return v
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    v = _check_real(name, value)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"invalid {name}={value!r}: a number in [0, 1] is allowed")
-    return v
-
-
 def _check_labels(labels: Any) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1:
@@ -106,7 +77,7 @@ def _check_labels(labels: Any) -> np.ndarray:
 
 def _check_common(labels: Any, num_clients: Any, rng: Any) -> tuple[np.ndarray, int]:
     y = _check_labels(labels)
-    k = _check_int("num_clients", num_clients, 1)
+    k = check_int("num_clients", num_clients, 1)
     if k > y.size:
         raise ValueError(
             f"invalid num_clients={num_clients!r}: at most the number of samples ({y.size}) is allowed"
@@ -119,7 +90,7 @@ def _check_common(labels: Any, num_clients: Any, rng: Any) -> tuple[np.ndarray, 
 def _resolve_min_size(min_size: Any, n: int, k: int) -> int:
     if min_size is None:
         return min(10, n // k)
-    m = _check_int("min_size", min_size, 0)
+    m = check_int("min_size", min_size, 0)
     if m * k > n:
         raise ValueError(
             f"invalid min_size={min_size!r}: num_clients * min_size = {k} * {m} = {m * k} exceeds "
@@ -151,19 +122,6 @@ def _dirichlet(rng: np.random.Generator, alpha: float, k: int) -> np.ndarray:
     return p
 
 
-def _apportion(total: int, p: np.ndarray) -> np.ndarray:
-    """Integer counts summing to ``total`` proportional to ``p`` (largest remainder, ties by index)."""
-    p = np.asarray(p, dtype=np.float64)
-    p = p / p.sum()
-    raw = p * total
-    counts = np.floor(raw).astype(np.int64)
-    rest = total - int(counts.sum())
-    if rest > 0:
-        order = np.argsort(-(raw - counts), kind="stable")
-        counts[order[:rest]] += 1
-    return counts
-
-
 def _split(idx: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return np.split(idx, np.cumsum(counts)[:-1])
 
@@ -191,16 +149,16 @@ def dirichlet_partition(
     """Per class, split its samples among clients by a Dirichlet(alpha) draw; every client gets
     at least ``min_size`` samples (redraws, then deterministic moves from the largest clients)."""
     y, k = _check_common(labels, num_clients, rng)
-    alpha = _check_positive("alpha", alpha)
+    alpha = check_positive("alpha", alpha)
     m = _resolve_min_size(min_size, y.size, k)
-    retries = _check_int("max_retries", max_retries, 0)
+    retries = check_int("max_retries", max_retries, 0)
     classes = np.unique(y)
     class_idx = [np.flatnonzero(y == c) for c in classes]
 
     counts = np.zeros((classes.size, k), dtype=np.int64)
     for _attempt in range(retries + 1):
         for ci, idx in enumerate(class_idx):
-            counts[ci] = _apportion(idx.size, _dirichlet(rng, alpha, k))
+            counts[ci] = apportion(idx.size, _dirichlet(rng, alpha, k))
         if counts.sum(axis=0).min() >= m:
             break
     else:
@@ -234,7 +192,7 @@ def shards_partition(
     """Sort by label, cut into ``num_clients * classes_per_client`` shards, deal
     ``classes_per_client`` random shards to every client."""
     y, k = _check_common(labels, num_clients, rng)
-    s = _check_int("classes_per_client", classes_per_client, 1)
+    s = check_int("classes_per_client", classes_per_client, 1)
     num_shards = k * s
     if num_shards > y.size:
         raise ValueError(
@@ -264,9 +222,9 @@ def cosmos_partition(
     Dirichlet(alpha) split of each group's classes among its clients, then ``mix_fraction`` of
     every client's samples pooled, shuffled and dealt back evenly to all clients."""
     y, k = _check_common(labels, num_clients, rng)
-    g = _check_int("num_groups", num_groups, 1)
-    alpha = _check_positive("alpha", alpha)
-    mix = _check_fraction("mix_fraction", mix_fraction)
+    g = check_int("num_groups", num_groups, 1)
+    alpha = check_positive("alpha", alpha)
+    mix = check_fraction("mix_fraction", mix_fraction)
     classes = np.unique(y)
     if g > classes.size:
         raise ValueError(
@@ -286,7 +244,7 @@ def cosmos_partition(
         members = np.flatnonzero(groups == gi)
         for c in class_groups[gi]:
             idx = rng.permutation(np.flatnonzero(y == c))
-            counts = _apportion(idx.size, _dirichlet(rng, alpha, members.size))
+            counts = apportion(idx.size, _dirichlet(rng, alpha, members.size))
             for i, chunk in zip(members, _split(idx, counts)):
                 parts[i].append(chunk)
     owned = [np.concatenate(p) if p else np.empty(0, np.int64) for p in parts]
@@ -318,9 +276,9 @@ def quantity_skew_partition(
     """Client sizes = ``min_size`` + a share of the rest proportional to a Dirichlet(alpha) draw;
     which samples a client gets is uniformly random (labels IID)."""
     y, k = _check_common(labels, num_clients, rng)
-    alpha = _check_positive("alpha", alpha)
+    alpha = check_positive("alpha", alpha)
     m = _resolve_min_size(min_size, y.size, k)
-    sizes = m + _apportion(y.size - m * k, _dirichlet(rng, alpha, k))
+    sizes = m + apportion(y.size - m * k, _dirichlet(rng, alpha, k))
     return _finish(_split(rng.permutation(y.size), sizes))
 
 
@@ -352,16 +310,11 @@ def partition_labels(
 
     ``scheme`` is a key of :data:`PARTITIONERS`; ``params`` are that scheme's parameters (see the
     module docstring). Raises ``ValueError`` naming the offending value for an unknown scheme or
-    parameter name, or an invalid parameter value.
+    parameter name (a :class:`~hetpfl.configuration.ConfigError` naming the scheme, the parameter
+    and the allowed ones), or an invalid parameter value.
     """
     if scheme not in PARTITIONERS:
         raise ValueError(f"unknown partition scheme {scheme!r}; allowed: {', '.join(PARTITIONERS)}")
     fn = PARTITIONERS[scheme]
-    allowed = _params_of(fn)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"partition scheme {scheme!r} does not take the parameter(s) {unknown}; "
-            f"allowed: {allowed if allowed else 'none'}"
-        )
+    check_keys(f"partitions.{scheme}", params, _params_of(fn), what="parameter")
     return fn(labels, num_clients, rng, **params)

@@ -1,0 +1,56 @@
+"""The public set: unlabeled inputs shared by all parties, with the true labels held apart.
+
+Algorithm code sees only :attr:`PublicSet.inputs`; :meth:`PublicSet.labels_for_evaluation` is for
+evaluation and audit code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PublicSet"]
+
+
+class PublicSet:
+    """Unlabeled public inputs shared by all parties (e.g. for distillation).
+
+    ``inputs`` is a read-only array (float32, or int64 token ids for integer inputs, as in
+    :class:`~hetpfl.data.sources.ArrayDataset`). The true labels are held apart, only for evaluation and
+    audits (for example, measuring pseudo-label accuracy): :meth:`labels_for_evaluation`.
+    """
+
+    __slots__ = ("__labels", "inputs")
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray) -> None:
+        inputs = np.asarray(inputs)
+        dtype = np.int64 if np.issubdtype(inputs.dtype, np.integer) else np.float32
+        inputs = np.array(inputs, dtype=dtype, copy=True)
+        labels = np.array(labels, dtype=np.int64, copy=True)
+        if inputs.shape[0] != labels.shape[0]:
+            raise ValueError(f"public set: {inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        inputs.flags.writeable = False
+        labels.flags.writeable = False
+        self.inputs = inputs
+        self.__labels = labels
+
+    def labels_for_evaluation(self) -> np.ndarray:
+        """The true labels of the public inputs (read-only).
+
+        For evaluation and audit code only. NEVER call this from algorithm code: the public set is
+        unlabeled by assumption, and using these labels would leak information no client has.
+        """
+        return self.__labels
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def __repr__(self) -> str:
+        return f"PublicSet(n={len(self)}, input_shape={tuple(self.inputs.shape[1:])})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"inputs": np.array(self.inputs), "labels": np.array(self.__labels)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        PublicSet.__init__(self, state["inputs"], state["labels"])
