@@ -10,6 +10,7 @@ from hetpfl.learn import (
     distill,
     evaluate,
     fit,
+    predict_logits,
     predict_proba,
     sharpen,
     state_to_arrays,
@@ -113,3 +114,39 @@ def test_state_round_trip_through_arrays():
     arrays_to_state(other, arrays)
     x, _ = _blobs(n=10)
     np.testing.assert_array_equal(predict_proba(model, x), predict_proba(other, x))
+
+
+def test_predict_proba_is_softmax_of_predict_logits():
+    x, _ = _blobs(n=1100)
+    model = _net()
+    logits = predict_logits(model, x, batch_size=300)
+    probs = predict_proba(model, x)
+    assert logits.shape == probs.shape == (1100, 3) and probs.dtype == np.float32
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, shifted / shifted.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(predict_proba(model, x, batch_size=7), probs, rtol=1e-5, atol=1e-7)
+    assert predict_proba(model, x[:0]).shape == (0, 0)
+
+
+def test_distill_l1_logits_moves_logits_towards_targets():
+    x, _ = _blobs(n=128)
+    target = np.random.default_rng(0).normal(size=(128, 3)).astype(np.float32)
+    model = _net()
+    before = np.abs(predict_logits(model, x) - target).mean()
+    out = distill(model, x, target, loss="l1_logits", epochs=20, optim=OptimOptions(lr=1e-2),
+                  generator=torch.Generator().manual_seed(0))
+    assert out["steps"] == 80
+    assert np.abs(predict_logits(model, x) - target).mean() < 0.8 * before
+
+
+def test_bad_arguments_fail_early():
+    x, y = _blobs(n=16)
+    with pytest.raises(ValueError, match="augment"):
+        fit(_net(), x, y, epochs=0, augment="rotate")
+    with pytest.raises(ValueError, match="labels"):
+        fit(_net(), x, y[:10])
+    with pytest.raises(ValueError, match="target rows"):
+        distill(_net(), x, np.full((10, 3), 1 / 3, np.float32))
+    with pytest.raises(ValueError, match="loss"):
+        distill(_net(), x, np.full((16, 3), 1 / 3, np.float32), loss="mse")
+    assert fit(_net(), x, y, epochs=0) == pytest.approx({"loss": float("nan"), "steps": 0}, nan_ok=True)

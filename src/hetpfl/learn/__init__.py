@@ -1,0 +1,65 @@
+"""The training primitives every method shares: one optimization loop, the loss terms, and on top of
+them supervised fit, distillation, prediction and evaluation.
+
+Inputs are NumPy arrays (floating inputs become float32 tensors, integer inputs such as token ids
+int64; labels int64; probability targets float32); batches are cut from tensors that share memory
+with them, so no DataLoader overhead on small models. All shuffling and noise draw from the
+``generator`` the caller passes (a per-client stream).
+
+- :mod:`.options`: ``OptimOptions`` and ``select_parameters`` (which parameters train);
+- :mod:`.losses`: every loss term;
+- :mod:`.batches`: batch sources (index batches over a dataset, sampled synthetic batches);
+- :mod:`.loop`: ``optimize`` over ``Objective`` s, the one loop;
+- :mod:`.supervised`: ``fit`` and ``distill``; :mod:`.inference`: ``predict_*`` and ``evaluate``;
+- :mod:`.tensors`: array → tensor conversion and augmentation; :mod:`.weights`: weights as arrays.
+"""
+
+from .batches import IndexBatches, SampledBatches, index_pass, steps_for_epochs
+from .inference import evaluate, predict_logits, predict_proba
+from .loop import Objective, optimize
+from .losses import (
+    DISTILL_LOSSES,
+    PER_SAMPLE_DISTILL,
+    cross_entropy,
+    kl_to_targets,
+    l1_to_logits,
+    noise_consistency,
+    sharpen,
+    weighted_mean,
+)
+from .options import OPTIMIZERS, OptimOptions, select_parameters
+from .supervised import distill, fit
+from .tensors import AUGMENTATIONS, as_input_tensor, as_tensor, augment_batch, input_dtype
+from .weights import arrays_to_state, state_to_arrays
+
+__all__ = [
+    "AUGMENTATIONS",
+    "DISTILL_LOSSES",
+    "IndexBatches",
+    "OPTIMIZERS",
+    "Objective",
+    "OptimOptions",
+    "PER_SAMPLE_DISTILL",
+    "SampledBatches",
+    "arrays_to_state",
+    "as_input_tensor",
+    "as_tensor",
+    "augment_batch",
+    "cross_entropy",
+    "distill",
+    "evaluate",
+    "fit",
+    "index_pass",
+    "input_dtype",
+    "kl_to_targets",
+    "l1_to_logits",
+    "noise_consistency",
+    "optimize",
+    "predict_logits",
+    "predict_proba",
+    "select_parameters",
+    "sharpen",
+    "state_to_arrays",
+    "steps_for_epochs",
+    "weighted_mean",
+]

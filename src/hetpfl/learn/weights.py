@@ -1,0 +1,23 @@
+"""Model weights as named arrays, the form they travel in inside messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def state_to_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """Model state as named arrays for a message: float tensors under ``w.``, integer buffers
+    (BatchNorm's batch counter) under ``b.``."""
+    out = {}
+    for key, value in model.state_dict().items():
+        array = value.detach().cpu().numpy().copy()
+        out[("w." if np.issubdtype(array.dtype, np.floating) else "b.") + key] = array
+    return out
+
+
+def arrays_to_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load a state sent by :func:`state_to_arrays` (names must match the model exactly)."""
+    state = {k[2:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k[:2] in ("w.", "b.")}
+    model.load_state_dict(state, strict=True)
