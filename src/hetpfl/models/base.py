@@ -5,11 +5,13 @@ to ``(B, feature_dim)`` features, followed by one linear ``head`` (``feature_dim
 Splitting the two is what heterogeneous personalized FL methods need (share or personalize the
 head, distil or align on features), so the split is part of the contract.
 
-Inputs come in two kinds:
+Inputs come in three kinds:
 
 * ``"image"``: ``input_shape == (C, H, W)``; convolutional nets use 2-D layers.
 * ``"vector"``: ``input_shape == (D,)``; convolutional nets treat the vector as a 1-channel
   sequence of length ``D`` and use the 1-D versions of the same layers.
+* ``"tokens"``: ``input_shape == (L,)`` of int64 token ids; only language models take them
+  (named explicitly: a rank-1 shape is a vector unless the dataset says tokens).
 
 The conv blocks below are written once, generic over the number of spatial dimensions, so each
 architecture has ONE definition that serves both kinds of input.
@@ -21,7 +23,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..data.sources.base import INPUT_KINDS  # the one list of input kinds (datasets declare theirs)
+
 __all__ = [
+    "INPUT_KINDS",
     "AddChannel",
     "HetModel",
     "InputGeometry",
@@ -80,7 +85,7 @@ class HetModel(nn.Module):
 class InputGeometry:
     """How a conv net sees an input shape: channels, spatial sizes, and 1-D or 2-D layers."""
 
-    kind: str  # "image" or "vector"
+    kind: str  # "image", "vector" or "tokens"
     in_channels: int
     spatial: tuple[int, ...]
 
@@ -90,14 +95,27 @@ class InputGeometry:
         return len(self.spatial)
 
 
-def parse_input_shape(input_shape: tuple[int, ...]) -> InputGeometry:
-    """``(C, H, W)`` -> image geometry; ``(D,)`` -> vector geometry (1 channel, length D).
 
-    Raises ``ValueError`` for any other rank or for non-positive sizes.
+
+def parse_input_shape(input_shape: tuple[int, ...], kind: str | None = None) -> InputGeometry:
+    """``(C, H, W)`` -> image geometry; ``(D,)`` -> vector geometry (1 channel, length D);
+    ``(L,)`` with ``kind="tokens"`` -> a token sequence of length L.
+
+    ``kind=None`` infers image or vector from the rank. Raises ``ValueError`` for an unknown kind,
+    a rank that does not fit it, or non-positive sizes.
     """
     shape = tuple(input_shape)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+    if kind is not None and kind not in INPUT_KINDS:
+        raise ValueError(f"input kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
+    if kind == "tokens":
+        if len(shape) != 1:
+            raise ValueError(f"token inputs have shape (L,), got {input_shape!r}")
+        return InputGeometry("tokens", 1, shape)
+    expected_rank = {"image": 3, "vector": 1}.get(kind or "")
+    if expected_rank is not None and len(shape) != expected_rank:
+        raise ValueError(f"{kind} inputs have rank {expected_rank}, got input_shape {input_shape!r}")
     if len(shape) == 3:
         return InputGeometry("image", shape[0], shape[1:])
     if len(shape) == 1:

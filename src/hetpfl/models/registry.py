@@ -1,10 +1,13 @@
 """Registry of architectures, the one way to build them, and size/cost measures.
 
-``build_model(name, input_shape, num_classes)`` validates everything at build time and raises
-``ValueError`` for an unknown name, an unsupported rank, an input too small for the architecture's
-pooling, or ``num_classes < 2``. Weights use PyTorch's default initialization and draw from the
-global torch RNG, so a caller that seeds (``torch.manual_seed``) before building gets identical
-weights every time.
+``build_model(name, input_shape, num_classes, **options)`` validates everything at build time and
+raises ``ValueError`` for an unknown name or option, an unsupported input kind or rank, an input too
+small for the architecture's pooling, or ``num_classes < 2``. Weights use PyTorch's default
+initialization and draw from the global torch RNG, so a caller that seeds (``torch.manual_seed``)
+before building gets identical weights every time.
+
+Every built module records how it was built (:data:`BUILT_FROM`, a :class:`ModuleSpec`), so saved
+state can be rebuilt from the registry without the caller restating the architecture.
 
 FLOP convention (:func:`count_flops`): forward FLOPs for ONE sample, counted as ``2 * MACs`` of
 every convolution (``nn.Conv1d``/``nn.Conv2d``, grouped/depthwise included) and every
@@ -17,8 +20,10 @@ counted. For ``mlp`` with input size ``D`` and ``C`` classes that is exactly
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,10 +33,13 @@ from .base import HetModel, parse_input_shape
 
 __all__ = [
     "ARCHITECTURES",
+    "BUILT_FROM",
     "ArchSpec",
+    "ModuleSpec",
     "HetModel",
     "available_architectures",
     "build_model",
+    "build_module",
     "count_flops",
     "count_parameters",
     "model_summary",
@@ -42,14 +50,43 @@ __all__ = [
 class ArchSpec:
     """What the registry knows about an architecture.
 
-    ``supports`` lists the input kinds it accepts: ``"image"`` (``(C, H, W)``) and/or
-    ``"vector"`` (``(D,)``).
+    ``supports`` lists the input kinds it accepts: ``"image"`` (``(C, H, W)``), ``"vector"``
+    (``(D,)``) and/or ``"tokens"`` (``(L,)`` int64 ids). ``kind`` says what the module is for:
+    ``"classifier"`` (a client's or server's model: ``features`` + ``head``); later kinds
+    (generators, adapters) are built through the same registry.
     """
 
     name: str
     family: str
     description: str
     supports: tuple[str, ...]
+    kind: str = "classifier"
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """How to build one module from the registry: an architecture name and its options.
+
+    Hashable (options are kept as sorted pairs), so it can key a cache of live modules.
+    """
+
+    arch: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, arch: str, **options: Any) -> "ModuleSpec":
+        return cls(arch, tuple(sorted(options.items())))
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def describe(self) -> str:
+        return self.arch + ("" if not self.options else "(" + ", ".join(f"{k}={v!r}" for k, v in self.options) + ")")
+
+
+#: Attribute under which :func:`build_model` records the :class:`ModuleSpec` a module was built from.
+BUILT_FROM = "built_from"
 
 
 _BOTH = ("image", "vector")
@@ -107,12 +144,15 @@ def _spec(name: str) -> ArchSpec:
     return ARCHITECTURES[name]
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> HetModel:
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, input_kind: str | None = None,
+                **options: Any) -> HetModel:
     """Build architecture ``name`` for per-sample inputs of ``input_shape`` and ``num_classes``.
 
-    The model draws its initial weights from the global torch RNG (seed before calling for
-    reproducible weights). Raises ``ValueError`` for an unknown name or an input/num_classes the
-    architecture cannot take.
+    ``input_kind`` is ``"image"``, ``"vector"`` or ``"tokens"``; None infers image or vector from
+    the rank. ``options`` are the architecture's own keyword options. The model draws its initial
+    weights from the global torch RNG (seed before calling for reproducible weights) and records
+    its :class:`ModuleSpec` under :data:`BUILT_FROM`. Raises ``ValueError`` for an unknown name or
+    option, or an input/num_classes the architecture cannot take.
     """
     spec = _spec(name)
     shape = tuple(input_shape)
@@ -122,7 +162,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> He
             f"got {num_classes!r}"
         )
     try:
-        geom = parse_input_shape(shape)
+        geom = parse_input_shape(shape, input_kind)
     except ValueError as err:
         raise ValueError(f"architecture {name!r} cannot take input_shape {shape}: {err}") from None
     if geom.kind not in spec.supports:
@@ -130,7 +170,30 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> He
             f"architecture {name!r} cannot take input_shape {shape}: it supports "
             f"{' and '.join(spec.supports)} inputs, not {geom.kind}"
         )
-    return _BUILDERS[name](shape, num_classes)
+    builder = _BUILDERS[name]
+    accepted = _builder_options(builder)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"architecture {name!r} takes no option {unknown[0]!r} "
+                         f"(options: {', '.join(sorted(accepted)) or 'none'})")
+    model = builder(shape, num_classes, **options)
+    setattr(model, BUILT_FROM, ModuleSpec.of(name, **options))
+    return model
+
+
+def build_module(spec: ModuleSpec, input_shape: tuple[int, ...], num_classes: int,
+                 input_kind: str | None = None) -> HetModel:
+    """:func:`build_model` from a :class:`ModuleSpec`."""
+    return build_model(spec.arch, input_shape, num_classes, input_kind=input_kind, **spec.kwargs)
+
+
+def _builder_options(builder: Callable[..., HetModel]) -> set[str]:
+    """Keyword options an architecture takes beyond (input_shape, num_classes) and those the
+    registry fixes (``functools.partial`` keywords such as ``arch``)."""
+    fixed = set(builder.keywords) if isinstance(builder, functools.partial) else set()
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    params = list(inspect.signature(target).parameters.values())[2:]
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - fixed
 
 
 def count_parameters(model: nn.Module) -> int:
