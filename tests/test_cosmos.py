@@ -108,8 +108,8 @@ def test_default_is_label_blind(reference_run, tmp_path, monkeypatch):
 def test_public_label_weighting_is_an_explicit_leak(tmp_path, monkeypatch):
     """The official code's weighting reads the true public labels: opt-in, and it really does."""
     leak = {"algorithm.client_weighting": "public_labels"}
-    assert prepare(cosmos_config(**leak)).run.algorithm_config._public_labels is not None
-    assert prepare(cosmos_config()).run.algorithm_config._public_labels is None
+    assert prepare(cosmos_config(**leak)).run.leaked_public_labels is not None
+    assert prepare(cosmos_config()).run.leaked_public_labels is None
     run_experiment(cosmos_config(**leak), tmp_path / "true")
     monkeypatch.setattr(PublicSet, "labels_for_evaluation", lambda self: _garbage_labels(len(self)))
     run_experiment(cosmos_config(**leak), tmp_path / "garbage")
@@ -163,10 +163,8 @@ def test_client_weights():
     leak = PseudoLabelClientConfig(client_weighting="public_labels")
     with pytest.raises(ValueError, match="experiment layer"):
         sample_weights(leak, targets, counts)
-    leak.attach_public_labels(np.array([1, 1, 0, 2]))
-    np.testing.assert_allclose(sample_weights(leak, targets, counts), np.array([0, 0, 10, 4]) / 4)
-    with pytest.raises(ValueError, match="only with client_weighting"):
-        cfg.attach_public_labels(np.array([0, 1, 2, 0]))
+    np.testing.assert_allclose(sample_weights(leak, targets, counts, np.array([1, 1, 0, 2])), np.array([0, 0, 10, 4]) / 4)
+    assert not cfg.uses_public_labels and leak.uses_public_labels
 
 
 # -- the server, driven directly -----------------------------------------------------------------
@@ -191,7 +189,7 @@ def _setup(num_clients, n_public=64, dim=6, seed=0):
         return build_model(arch, (dim,), 4)
 
     return ServerSetup(num_clients=num_clients, num_classes=4, input_shape=(dim,), client_archs=["mlp"] * num_clients,
-                       public_inputs=x, training=None, seed=seed, build_model=build)
+                       public_inputs=x, training=None, seed=seed, build_model=build)  # a ModuleFactory
 
 
 def _two_groups(n_public=64, permute=False, seed=0):

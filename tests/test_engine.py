@@ -3,6 +3,7 @@ import pytest
 
 from hetpfl.clienthost import DiskStore, MemoryStore
 from hetpfl.engine import assign_architectures, sampling_schedule, spread
+from hetpfl.messages import Message
 
 
 def test_sampling_schedule_is_pre_drawn_and_seeded():
@@ -31,13 +32,21 @@ def test_spread_worst10_is_mean_of_lowest_decile():
 
 
 @pytest.mark.parametrize("store_cls", [MemoryStore, DiskStore])
-def test_state_stores_round_trip(store_cls, tmp_path):
-    store = store_cls() if store_cls is MemoryStore else store_cls(tmp_path)
+def test_state_stores_round_trip_and_snapshot(store_cls, tmp_path):
+    store = store_cls() if store_cls is MemoryStore else store_cls(tmp_path / "live")
     assert store.get(3) is None
-    store.put(3, {"model": {"w": np.arange(4)}, "algorithm": {"pretrained": True}})
+    store.put(3, Message({"model/w": np.arange(4)}, {"state/pretrained": True}))
+    store.put(5, Message({"model/w": np.ones(2, np.float32)}))
     got = store.get(3)
-    np.testing.assert_array_equal(got["model"]["w"], np.arange(4))
-    assert got["algorithm"] == {"pretrained": True}
+    np.testing.assert_array_equal(got.arrays["model/w"], np.arange(4))
+    assert got.scalars == {"state/pretrained": True}
+    store.snapshot(tmp_path / "snap")
+    assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["client-000003.npz", "client-000005.npz"]
+    store.put(3, Message({"model/w": np.zeros(4)}))
+    store.put(7, Message())
+    store.restore(tmp_path / "snap")  # back to the snapshot: client 7 did not exist then
+    assert store.get(7) is None and store.get(3).scalars == {"state/pretrained": True}
+    np.testing.assert_array_equal(store.get(3).arrays["model/w"], np.arange(4))
 
 
 class _StubTransport:

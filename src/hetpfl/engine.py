@@ -3,25 +3,32 @@
 A runtime supplies a :class:`Transport` (how a stage's messages reach clients and come back);
 this module does everything else: the pre-drawn client-sampling stream, message validation in
 both directions, exact byte accounting per client and round, time accounting, evaluation of
-every client's own model (and of the algorithm's extra models) and the per-round records.
+every client's own model (and of the algorithm's extra models), the per-round records, and
+checkpoints of the whole run (:class:`RunState` + the server's and the clients' states) from
+which :func:`run_rounds` resumes exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
 
-from .algorithms.base import EVALUATE_STAGE, AlgorithmSpec, ClientTraining, Server, ServerSetup
+from .algorithms.base import EVALUATE_SCHEMA, EVALUATE_STAGE, AlgorithmSpec, ClientTraining, Server, ServerSetup
 from .data import FederatedData
 from .learn import evaluate
 from .messages import Message, MessageError, compress, decompress
-from .models import build_model
+from .models import ModuleSpec, build_module
 from .rng import derive_seed, numpy_rng
+from .state import load_tree, save_tree
 
 
 # ------------------------------------------------------------------------------------------
@@ -31,7 +38,11 @@ from .rng import derive_seed, numpy_rng
 
 @dataclass
 class RunSpec:
-    """A resolved experiment: data, per-client architectures, the method and the schedule."""
+    """A resolved experiment: data, per-client architectures, the method and the schedule.
+
+    ``leaked_public_labels`` is None unless the method's config explicitly opts into reading the
+    public set's true labels (a documented leak); then clients see them as ``ctx.leaked_public_labels``.
+    """
 
     algorithm: AlgorithmSpec
     algorithm_config: Any
@@ -43,15 +54,23 @@ class RunSpec:
     participation: float = 1.0
     eval_every: int = 1
     compression: str = "none"
+    leaked_public_labels: np.ndarray | None = None
 
     @property
     def num_clients(self) -> int:
         return self.data.num_clients
 
-    def new_model(self, arch: str, *key: str | int) -> torch.nn.Module:
-        """A freshly initialized ``arch`` whose weights depend only on (seed, key)."""
+    def client_modules(self, client: int) -> dict[str, ModuleSpec]:
+        """The module slots client ``client`` holds (its method's declaration for its architecture)."""
+        return self.algorithm.modules_for(self.client_archs[client], self.algorithm_config)
+
+    def new_module(self, spec: ModuleSpec, *key: str | int) -> torch.nn.Module:
+        """A freshly initialized registry module whose weights depend only on (seed, key)."""
         torch.manual_seed(derive_seed(self.seed, "init", *key))
-        return build_model(arch, self.data.input_shape, self.data.num_classes)
+        return build_module(spec, self.data.input_shape, self.data.num_classes, self.data.input_kind)
+
+    def new_model(self, arch: str, *key: str | int) -> torch.nn.Module:
+        return self.new_module(ModuleSpec.of(arch), *key)
 
     def server_setup(self) -> ServerSetup:
         return ServerSetup(
@@ -62,16 +81,24 @@ class RunSpec:
             public_inputs=self.data.public.inputs if len(self.data.public) else None,
             training=self.training,
             seed=self.seed,
-            build_model=lambda arch, key: self.new_model(arch, "server", key),
+            build_model=ServerModules(self),
         )
 
     def make_server(self) -> Server:
-        if self.algorithm.uses_public and len(self.data.public) == 0:
-            raise ValueError(f"{self.algorithm.name} needs a public set: set data.public_fraction > 0")
         return self.algorithm.server_cls(self.algorithm_config, self.server_setup())
 
     def schedule(self) -> list[list[int]]:
         return sampling_schedule(self.seed, self.num_clients, self.rounds, self.participation)
+
+
+class ServerModules:
+    """The server's module factory (``ServerSetup.build_model``): seeds by ``("server", key)``."""
+
+    def __init__(self, run: RunSpec) -> None:
+        self.run = run
+
+    def __call__(self, arch: str, key: str | int, **options: Any) -> torch.nn.Module:
+        return self.run.new_module(ModuleSpec.of(arch, **options), "server", key)
 
 
 def sampling_schedule(seed: int, num_clients: int, rounds: int, participation: float) -> list[list[int]]:
@@ -109,11 +136,20 @@ class Exchange:
     client_seconds: float = 0.0
 
 
+class ClientStates(Protocol):
+    """The clients' saved states as a runtime holds them (a :class:`~hetpfl.clienthost.StateStore`)."""
+
+    def snapshot(self, directory: Path) -> None: ...
+    def restore(self, directory: Path) -> None: ...
+
+
 class Transport(Protocol):
     """``remote``: replies come from other processes or machines, so a reply that breaks its
-    schema is that client's failure (recorded, round goes on); in-process it is a bug (raised)."""
+    schema is that client's failure (recorded, round goes on); in-process it is a bug (raised).
+    ``states``: the clients' states, if this runtime can checkpoint them (else None)."""
 
     remote: bool
+    states: ClientStates | None
 
     def exchange(self, stage: str, rnd: int, messages: Mapping[int, Message]) -> Exchange: ...
 
@@ -139,8 +175,8 @@ class RoundComm:
 
     def __init__(self, run: RunSpec, transport: Transport, rnd: int, ledger: Ledger) -> None:
         self.run, self.transport, self.rnd, self.ledger = run, transport, rnd, ledger
-        public = run.data.public
-        self.sizes = {"num_classes": run.data.num_classes, "num_public_total": len(public)}
+        self.sizes = {"num_classes": run.data.num_classes, "num_public_total": len(run.data.public),
+                      "num_tasks": len(run.data.tasks)}
 
     def ask(self, stage: str, messages: Mapping[int, Message]) -> dict[int, Message]:
         schema = self.run.algorithm.schema(stage)
@@ -201,13 +237,14 @@ def spread(values: np.ndarray, prefix: str) -> dict[str, float]:
     }
 
 
-def evaluate_extra_models(models: dict[str, dict[int, torch.nn.Module]], data: FederatedData) -> dict[str, Any]:
-    """Accuracy of each extra model on the test split of each client it serves."""
+def evaluate_extra_models(models: dict[str, dict[int, torch.nn.Module]], data: FederatedData,
+                          rnd: int) -> dict[str, Any]:
+    """Accuracy of each extra model on the test split (this round's view) of each client it serves."""
     out: dict[str, Any] = {}
     for name, per_client in models.items():
         accs = np.full(data.num_clients, np.nan)
         for client, model in per_client.items():
-            test = data.client_test[client]
+            test = data.test_at(client, rnd)
             accs[client] = evaluate(model, test.x, test.y)["accuracy"]
         out.update(spread(accs, f"{name}_acc"))
         out[f"{name}_client_acc"] = [None if math.isnan(a) else float(a) for a in accs]
@@ -232,25 +269,141 @@ def cluster_measures(server: Server, data: FederatedData) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
+# Run state and checkpoints
+# ------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RunState:
+    """What the loop carries from round to round: the next round, the byte and time totals and the
+    last evaluated record (the summary's ``final``). Together with the server's and the clients'
+    states it is all a run needs to go on; random streams are keyed, so none need saving."""
+
+    next_round: int
+    bytes_up: np.ndarray  # per client, all rounds so far
+    bytes_down: np.ndarray
+    bytes_eval: int = 0
+    client_s: float = 0.0
+    server_s: float = 0.0
+    eval_s: float = 0.0
+    wall_s: float = 0.0  # wall time of earlier sessions of this run (a resumed run adds its own)
+    last: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, num_clients: int) -> "RunState":
+        return cls(0, np.zeros(num_clients, dtype=np.int64), np.zeros(num_clients, dtype=np.int64))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in vars(self).items() if k not in ("bytes_up", "bytes_down")},
+                "bytes_up": self.bytes_up.tolist(), "bytes_down": self.bytes_down.tolist()}
+
+    @classmethod
+    def from_json(cls, tree: Mapping[str, Any]) -> "RunState":
+        values = dict(tree)
+        for key in ("bytes_up", "bytes_down"):
+            values[key] = np.asarray(values[key], dtype=np.int64)
+        return cls(**values)
+
+
+@dataclass
+class CheckpointPolicy:
+    """Save the whole run every ``every`` rounds (and after the last) under ``directory``, as
+    ``round-NNNN/`` folders (the number of rounds done), keeping the newest ``keep_last``."""
+
+    directory: Path
+    every: int = 1
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if self.every < 1 or self.keep_last < 1:
+            raise ValueError(f"checkpoint every={self.every}, keep_last={self.keep_last}: both must be >= 1")
+
+    def due(self, rnd: int, rounds: int) -> bool:
+        return (rnd + 1) % self.every == 0 or rnd == rounds - 1
+
+
+def _identity(run: RunSpec) -> dict[str, Any]:
+    return {"algorithm": run.algorithm.name, "dataset": run.data.name, "num_clients": run.num_clients,
+            "seed": run.seed}
+
+
+def save_checkpoint(policy: CheckpointPolicy, run: RunSpec, server: Server, state: RunState,
+                    transport: Transport) -> Path:
+    """Write ``round-NNNN/`` atomically (a temporary folder renamed into place): ``run.json`` (the
+    run state), ``server.npz`` (the server's state) and ``clients/`` (one record per client)."""
+    final = policy.directory / f"round-{state.next_round:04d}"
+    tmp = policy.directory / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "server.npz", server.state_dict())
+    transport.states.snapshot(tmp / "clients")
+    meta = {"format": CHECKPOINT_FORMAT, **_identity(run), "state": state.to_json()}
+    (tmp / "run.json").write_text(json.dumps(meta))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    for old in sorted(policy.directory.glob("round-*"))[: -policy.keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete ``round-NNNN`` folder under ``directory`` (None if there is none)."""
+    done = sorted(p for p in Path(directory).glob("round-*") if (p / "run.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path, run: RunSpec, server: Server, transport: Transport) -> RunState:
+    """Restore the server and the clients from checkpoint ``path``; return the run state."""
+    path = Path(path)
+    meta = json.loads((path / "run.json").read_text())
+    expected = {"format": CHECKPOINT_FORMAT, **_identity(run)}
+    found = {k: meta.get(k) for k in expected}
+    if found != expected:
+        raise ValueError(f"checkpoint {path} belongs to another run: it has {found}, this run is {expected}")
+    server.load_state_dict(load_tree(path / "server.npz", build=server.setup.rebuild))
+    _require_states(transport, "resume")
+    transport.states.restore(path / "clients")
+    return RunState.from_json(meta["state"])
+
+
+def _require_states(transport: Transport, what: str) -> None:
+    if getattr(transport, "states", None) is None:
+        raise ValueError(f"this runtime ({type(transport).__name__}) cannot {what}: it keeps no client states "
+                         f"on the server's side")
+
+
+# ------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------
 
 RoundCallback = Callable[[dict[str, Any]], None]
+_FINAL_KEYS = ("acc_by_arch", "acc_by_task", "cluster_ari")
 
 
-def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """Run every round of ``run`` over ``transport``; return the summary."""
+def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | None = None, *,
+               checkpoint: CheckpointPolicy | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+    """Run every round of ``run`` over ``transport``; return the summary.
+
+    ``resume``: a checkpoint folder to go on from (its rounds are not run again). ``checkpoint``:
+    when to save the whole run. Resuming gives exactly the records of an uninterrupted run."""
     started = time.perf_counter()
     server = run.make_server()
-    ledger = Ledger(run.num_clients)
     schedule = run.schedule()
-    totals = {"up": 0, "down": 0, "eval": 0, "client": 0.0, "server": 0.0, "eval_s": 0.0}
-    up_by_client = np.zeros(run.num_clients, dtype=np.int64)
-    down_by_client = np.zeros(run.num_clients, dtype=np.int64)
-    last: dict[str, Any] = {}
-    for rnd in range(run.rounds):
+    if checkpoint is not None:
+        _require_states(transport, "checkpoint")
+    state = load_checkpoint(resume, run, server, transport) if resume is not None else RunState.fresh(run.num_clients)
+    first_round = state.next_round
+    ledger = Ledger(run.num_clients)
+    for rnd in range(state.next_round, run.rounds):
         ledger.reset()
         t0 = time.perf_counter()
+        # Server-side torch randomness (e.g. dropout) draws from a stream keyed by the round.
+        torch.manual_seed(derive_seed(run.seed, "server", "round", rnd, "torch"))
         server_measures = server.round(rnd, list(schedule[rnd]), RoundComm(run, transport, rnd, ledger))
         train_s = time.perf_counter() - t0
         record: dict[str, Any] = {"round": rnd, "clients": list(schedule[rnd])}
@@ -264,12 +417,10 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         record["bytes_down"] = int(ledger.down.sum())
         record["bytes_up_by_client"] = ledger.up.tolist()
         record["bytes_down_by_client"] = ledger.down.tolist()
-        totals["up"] += record["bytes_up"]
-        totals["down"] += record["bytes_down"]
-        totals["eval"] += ledger.eval_bytes
-        up_by_client += ledger.up
-        down_by_client += ledger.down
-        record["bytes_up_cum"], record["bytes_down_cum"] = totals["up"], totals["down"]
+        state.bytes_up += ledger.up
+        state.bytes_down += ledger.down
+        state.bytes_eval += ledger.eval_bytes
+        record["bytes_up_cum"], record["bytes_down_cum"] = int(state.bytes_up.sum()), int(state.bytes_down.sum())
         record["failures"] = {str(k): v for k, v in sorted(ledger.failures.items())}
         # Wall-clock figures live apart from the measures, which are identical for one seed.
         record["timing"] = {
@@ -277,16 +428,21 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
             "server_s": max(0.0, train_s - ledger.transport_seconds),
             "eval_s": eval_s,
             "round_s": time.perf_counter() - t0,
-            "wall_s": time.perf_counter() - started,
+            "wall_s": state.wall_s + time.perf_counter() - started,
         }
-        totals["client"] += ledger.client_seconds
-        totals["server"] += record["timing"]["server_s"]
-        totals["eval_s"] += eval_s
+        state.client_s += ledger.client_seconds
+        state.server_s += record["timing"]["server_s"]
+        state.eval_s += eval_s
         if "personalized_acc_mean" in record:
-            last = record
+            state.last = {k: v for k, v in record.items() if k != "timing"}
+        state.next_round = rnd + 1
         if on_round is not None:
             on_round(record)
-    final = {k: v for k, v in last.items() if k.endswith(("_mean", "_std", "_worst10")) or k.endswith("client_acc") or k in ("acc_by_arch", "cluster_ari")}
+        if checkpoint is not None and checkpoint.due(rnd, run.rounds):
+            save_checkpoint(checkpoint, run, server, dataclasses.replace(
+                state, wall_s=state.wall_s + time.perf_counter() - started), transport)
+    last = state.last
+    final = {k: v for k, v in last.items() if k.endswith(("_mean", "_std", "_worst10", "client_acc")) or k in _FINAL_KEYS}
     return {
         "algorithm": run.algorithm.name,
         "dataset": run.data.name,
@@ -296,20 +452,25 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         "final": final,
         "final_round": last.get("round"),
         "server": last.get("server", {}),
-        "bytes_up_total": int(totals["up"]),
-        "bytes_down_total": int(totals["down"]),
-        "bytes_up_per_client_mean": float(up_by_client.mean()),
-        "bytes_down_per_client_mean": float(down_by_client.mean()),
-        "bytes_eval_total": int(totals["eval"]),
-        "wall_time_s": time.perf_counter() - started,
-        "time_client_s": totals["client"],
-        "time_server_s": totals["server"],
-        "time_eval_s": totals["eval_s"],
+        "bytes_up_total": int(state.bytes_up.sum()),
+        "bytes_down_total": int(state.bytes_down.sum()),
+        "bytes_up_per_client_mean": float(state.bytes_up.mean()),
+        "bytes_down_per_client_mean": float(state.bytes_down.mean()),
+        "bytes_eval_total": int(state.bytes_eval),
+        "wall_time_s": state.wall_s + time.perf_counter() - started,
+        "time_client_s": state.client_s,
+        "time_server_s": state.server_s,
+        "time_eval_s": state.eval_s,
+        **({"resumed_at_round": first_round} if resume is not None else {}),
     }
 
 
 def evaluate_round(run: RunSpec, server: Server, transport: Transport, rnd: int, ledger: Ledger) -> dict[str, Any]:
-    """Every client's own model on its own test split, then the algorithm's extra models."""
+    """Every client's own model on its own test split, then the algorithm's extra models.
+
+    Besides accuracy: any extra scalar a method's ``evaluate`` schema declares is reported as
+    ``<name>_mean/_std/_worst10`` and ``<name>_client``, and with tasks in the data, the mean
+    over clients of each task's accuracy (``acc_by_task``)."""
     everyone = {c: Message() for c in range(run.num_clients)}
     replies = RoundComm(run, transport, rnd, ledger).ask(EVALUATE_STAGE, everyone)
     accs = np.full(run.num_clients, np.nan)
@@ -322,5 +483,26 @@ def evaluate_round(run: RunSpec, server: Server, transport: Transport, rnd: int,
         if not math.isnan(accs[client]):
             by_arch.setdefault(arch, []).append(float(accs[client]))
     out["acc_by_arch"] = {arch: float(np.mean(v)) for arch, v in sorted(by_arch.items())}
-    out.update(evaluate_extra_models(server.extra_models(), run.data))
+    extra = sorted(set(run.algorithm.schema(EVALUATE_STAGE).up.scalars) - set(EVALUATE_SCHEMA.up.scalars))
+    for name in extra:
+        values = np.array([float(replies[c].scalars.get(name, np.nan)) if c in replies else np.nan
+                           for c in range(run.num_clients)])
+        out.update(spread(values, name))
+        out[f"{name}_client"] = [None if math.isnan(v) else float(v) for v in values]
+    if run.data.tasks:
+        out["acc_by_task"] = task_accuracy(replies, run.data.tasks)
+    out.update(evaluate_extra_models(server.extra_models(), run.data, rnd))
     return out
+
+
+def task_accuracy(replies: Mapping[int, Message], tasks: tuple[str, ...]) -> dict[str, float]:
+    """Per task, the mean over the clients that hold test samples of it of their accuracy on it."""
+    per_task: dict[str, list[float]] = {}
+    for client in sorted(replies):
+        arrays = replies[client].arrays
+        if "task_count" not in arrays:
+            continue
+        for t, (correct, count) in enumerate(zip(arrays["task_correct"], arrays["task_count"])):
+            if count > 0:
+                per_task.setdefault(tasks[t], []).append(float(correct) / float(count))
+    return {task: float(np.mean(v)) for task, v in per_task.items()}

@@ -231,6 +231,9 @@ class StageSchema:
 # --------------------------------------------------------------------------------------------
 
 
+COMPRESSIONS = ("none", "fp16")
+
+
 def compress(message: Message, mode: str | None) -> Message:
     """``None``: as is. ``"fp16"``: float32 arrays travel as float16."""
     if mode in (None, "none"):
@@ -238,7 +241,7 @@ def compress(message: Message, mode: str | None) -> Message:
     if mode == "fp16":
         arrays = {k: (a.astype(np.float16) if a.dtype == np.float32 else a) for k, a in message.arrays.items()}
         return Message(arrays, dict(message.scalars))
-    raise MessageError(f"compression={mode!r} is not supported (allowed: none, fp16)")
+    raise MessageError(f"compression={mode!r} is not supported (allowed: {', '.join(COMPRESSIONS)})")
 
 
 def decompress(message: Message) -> Message:

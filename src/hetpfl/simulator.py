@@ -1,31 +1,47 @@
 """The in-process runtime: fast, deterministic, the default.
 
 Clients run inside this process through a :class:`~hetpfl.clienthost.ClientHost`; *how* they are
-executed is an :class:`Executor` choice (sequential now) that no algorithm sees.
+executed is an :class:`Executor` choice that no algorithm sees. An executor receives the stage,
+the round and the asked clients grouped by their module architectures, and runs each group
+through the host: one by one (:class:`SequentialExecutor`, the reference), or, for an executor
+with ``batched = True``, through a client's batched handler ``<stage>_many`` where it has one.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 from .clienthost import ClientHost, StateStore, make_store
-from .engine import Exchange, RunSpec, run_rounds
+from .engine import CheckpointPolicy, Exchange, RunSpec, run_rounds
 from .messages import Message
 
 
 class Executor(Protocol):
-    def run(self, tasks: list[tuple[int, Callable[[], Message]]]) -> list[tuple[int, Message]]: ...
+    """Runs the groups of one stage. ``batched``: offer each group to the method's batched
+    handler (``<stage>_many``) when the method has one."""
+
+    batched: bool
+
+    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
+            messages: Mapping[int, Message]) -> dict[int, Message]: ...
 
 
 class SequentialExecutor:
-    """One client after the other, in client-id order."""
+    """Every group in turn, every client of a group one after the other, in client-id order."""
 
-    def run(self, tasks: list[tuple[int, Callable[[], Message]]]) -> list[tuple[int, Message]]:
-        return [(client, task()) for client, task in tasks]
+    batched = False
+
+    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
+            messages: Mapping[int, Message]) -> dict[int, Message]:
+        replies: dict[int, Message] = {}
+        for group in groups:
+            replies.update(host.handle_group(group, stage, rnd, messages, batched=self.batched))
+        return replies
 
 
-EXECUTORS = {"sequential": SequentialExecutor}
+EXECUTORS: dict[str, type] = {"sequential": SequentialExecutor}
 
 
 class InProcessTransport:
@@ -36,24 +52,29 @@ class InProcessTransport:
     def __init__(self, host: ClientHost, executor: Executor | None = None) -> None:
         self.host = host
         self.executor = executor or SequentialExecutor()
+        self.states = host.store
 
     def exchange(self, stage: str, rnd: int, messages: Mapping[int, Message]) -> Exchange:
-        tasks = [(c, (lambda c=c: self.host.handle(c, stage, rnd, messages[c]))) for c in sorted(messages)]
         started = time.perf_counter()
-        replies = dict(self.executor.run(tasks))
-        return Exchange(replies=replies, client_seconds=time.perf_counter() - started)
+        replies = self.executor.run(self.host, stage, rnd, self.host.groups(list(messages)), messages)
+        return Exchange(replies={c: replies[c] for c in sorted(replies)}, client_seconds=time.perf_counter() - started)
 
 
 def simulate(
     run: RunSpec,
     *,
     client_state: str = "memory",
-    executor: str = "sequential",
+    executor: str | Executor = "sequential",
     store: StateStore | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
+    resume: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ``run`` in this process; returns the summary (records go to ``on_round``)."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"runtime.executor={executor!r} is not supported (allowed: {', '.join(EXECUTORS)})")
+    if isinstance(executor, str):
+        if executor not in EXECUTORS:
+            raise ValueError(f"runtime.executor={executor!r} is not supported (allowed: {', '.join(EXECUTORS)})")
+        executor = EXECUTORS[executor]()
     host = ClientHost(run, store if store is not None else make_store(client_state))
-    return run_rounds(run, InProcessTransport(host, EXECUTORS[executor]()), on_round=on_round)
+    return run_rounds(run, InProcessTransport(host, executor), on_round=on_round, checkpoint=checkpoint,
+                      resume=resume)

@@ -1,74 +1,96 @@
 """What an algorithm is: a Server and a Client that talk only through messages.
 
-A method file defines a config dataclass (its hyperparameters and their defaults), the stage
-schemas, a :class:`Server` subclass whose :meth:`Server.round` reads like the paper's server
-pseudo-code and asks stages of clients through a :class:`Comm`, and a :class:`Client` subclass
-with one method per stage. Nothing here knows which runtime carries the messages.
+A method file defines a config dataclass (its hyperparameters and their defaults, with their rules
+declared by :func:`~hetpfl.configuration.option`), the stage schemas, a :class:`Server` subclass
+whose :meth:`Server.round` reads like the paper's server pseudo-code and asks stages of clients
+through a :class:`Comm`, and a :class:`Client` subclass with one method per stage. Nothing here
+knows which runtime carries the messages.
+
+A client holds named **module slots** (``model`` by default; a method may declare more, e.g. a
+``generator``, through :attr:`AlgorithmSpec.client_modules`) and a typed :class:`ClientState`;
+the runtime builds, seeds, stores and restores both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..configuration import option
 from ..data import ArrayDataset
-from ..learn import OptimOptions, evaluate
+from ..learn import AUGMENTATIONS, OptimOptions, evaluate
 from ..messages import ArrayField, Message, Schema, StageSchema
+from ..models import ModuleSpec
 from ..rng import numpy_rng, torch_generator
+from ..state import ClientState
 
+MAIN_SLOT = "model"  # the slot every method has unless it declares otherwise; ``ctx.model``
 EVALUATE_STAGE = "evaluate"
+TASK_COUNTS = ArrayField(dtype="int64", shape=("num_tasks",))
 EVALUATE_SCHEMA = StageSchema(
     down=Schema(),
-    up=Schema(scalars={"accuracy": float, "loss": float, "num_examples": int}),
+    up=Schema(
+        scalars={"accuracy": float, "loss": float, "num_examples": int},
+        # per-task counts, sent only when the client's test data carries task ids
+        arrays={"task_correct": TASK_COUNTS, "task_count": TASK_COUNTS},
+        optional=frozenset({"task_correct", "task_count"}),
+    ),
 )
 
 
 @dataclass(frozen=True)
-class ClientTraining:
-    """The client routine every method shares (so baselines train clients identically)."""
+class ClientTraining(OptimOptions):
+    """The client routine every method shares (so baselines train clients identically).
 
-    local_epochs: float = 1.0
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    max_grad_norm: float | None = None
-    augment: str = "none"
+    It *is* the :class:`~hetpfl.learn.OptimOptions` of local training (lr, optimizer, weight decay,
+    momentum, gradient clipping: their defaults live there, once) plus the schedule below.
+    """
+
+    local_epochs: float = option(1.0, ge=0)
+    batch_size: int = option(32, ge=1)
+    augment: str = option("none", choices=AUGMENTATIONS)
 
     def optim(self, lr: float | None = None) -> OptimOptions:
-        return OptimOptions(
-            lr=self.lr if lr is None else lr,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            max_grad_norm=self.max_grad_norm,
-        )
+        """The optimizer options of local training (``lr`` overrides the learning rate)."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimOptions)}
+        return OptimOptions(**{**base, **({} if lr is None else {"lr": lr})})
 
 
 @dataclass
 class ClientContext:
-    """What a client's stage handler may use: its own model, data, state and random streams.
+    """What a client's stage handler may use: its own modules, data, state and random streams.
 
-    ``public_inputs`` carries inputs only; public labels are not reachable from here.
+    ``public_inputs`` carries inputs only; public labels are not reachable from here, except
+    ``leaked_public_labels``, set only when a method's config explicitly opts into that leak.
     """
 
     client_id: int
     round: int
     stage: str
     arch: str
-    model: nn.Module
+    modules: dict[str, nn.Module]
     train: ArrayDataset
     test: ArrayDataset
     public_inputs: np.ndarray | None
     num_classes: int
-    state: dict[str, Any]
+    state: ClientState
     training: ClientTraining
     seed: int
+    num_tasks: int = 0  # tasks in the data (0: no task ids)
+    leaked_public_labels: np.ndarray | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The main slot (``modules["model"]``)."""
+        try:
+            return self.modules[MAIN_SLOT]
+        except KeyError:
+            raise KeyError(f"this method's clients hold no '{MAIN_SLOT}' slot (slots: {sorted(self.modules)})") from None
 
     def rng(self, *keys: str | int) -> np.random.Generator:
         return numpy_rng(self.seed, "client", self.client_id, "round", self.round, self.stage, *keys)
@@ -77,8 +99,14 @@ class ClientContext:
         return torch_generator(self.seed, "client", self.client_id, "round", self.round, self.stage, *keys)
 
     def label_counts(self) -> np.ndarray:
-        """Counts of each class in this client's private training data."""
+        """Counts of each class in this client's private training data (this round's view)."""
         return np.bincount(self.train.y, minlength=self.num_classes).astype(np.int64)
+
+
+class ModuleFactory(Protocol):
+    """Builds a freshly initialized registry module whose weights depend only on (seed, key)."""
+
+    def __call__(self, arch: str, key: str | int, **options: Any) -> nn.Module: ...
 
 
 @dataclass
@@ -93,13 +121,17 @@ class ServerSetup:
     public_inputs: np.ndarray | None
     training: ClientTraining
     seed: int
-    build_model: Callable[[str, str], nn.Module]  # (arch, seed key) -> freshly initialized model
+    build_model: ModuleFactory
 
     def rng(self, *keys: str | int) -> np.random.Generator:
         return numpy_rng(self.seed, "server", *keys)
 
     def generator(self, *keys: str | int) -> torch.Generator:
         return torch_generator(self.seed, "server", *keys)
+
+    def rebuild(self, spec: ModuleSpec) -> nn.Module:
+        """An empty module of ``spec`` to load saved weights into (restoring a server)."""
+        return self.build_model(spec.arch, "restore", **spec.kwargs)
 
 
 class Comm(Protocol):
@@ -110,7 +142,13 @@ class Comm(Protocol):
 
 
 class Server:
-    """Base server. Subclasses implement :meth:`round`."""
+    """Base server. Subclasses implement :meth:`round`.
+
+    Everything a server keeps between rounds lives in its attributes, and the default
+    :meth:`state_dict` saves all of them except ``config`` and ``setup``: arrays, numbers,
+    strings, registry-built modules, and dicts/lists of those (see :mod:`hetpfl.state`). A module
+    is rebuilt on load from the architecture it recorded when built, so it is declared once.
+    """
 
     def __init__(self, config: Any, setup: ServerSetup) -> None:
         self.config = config
@@ -119,6 +157,15 @@ class Server:
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
         """Run one round with the sampled ``clients``; return server-side measures."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this server holds between rounds (every attribute but ``config`` and ``setup``)."""
+        return {name: value for name, value in vars(self).items() if name not in ("config", "setup")}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (modules already rebuilt)."""
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def extra_models(self) -> dict[str, dict[int, nn.Module]]:
         """Models besides each client's own to evaluate on each client's test split, e.g.
@@ -132,7 +179,16 @@ class Server:
 
 
 class Client:
-    """Base client. A stage named ``s`` is handled by the method ``s(message, ctx)``."""
+    """Base client. A stage named ``s`` is handled by the method ``s(message, ctx)``.
+
+    One ``Client`` instance serves every client a runtime hosts, so a handler must keep nothing
+    about a client on ``self``: whatever a client keeps between rounds goes in ``ctx.state`` or
+    its module slots (checked by the contract tests for every registered method).
+
+    A stage may also have a batched form ``s_many(messages, ctxs) -> {client: reply}`` over a
+    group of clients that share their module architectures; only a batched executor calls it,
+    and it must give the results ``s`` gives client by client (within float tolerance).
+    """
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -145,14 +201,35 @@ class Client:
 
     def evaluate(self, message: Message, ctx: ClientContext) -> Message:
         """The client's own model on its own test split (every algorithm, every round)."""
-        result = evaluate(ctx.model, ctx.test.x, ctx.test.y)
-        return Message(scalars={"accuracy": float(result["accuracy"]), "loss": float(result["loss"]),
-                                "num_examples": int(result["n"])})
+        return evaluation_reply(ctx.model, ctx.test, ctx.num_tasks)
+
+
+def evaluation_reply(model: nn.Module, test: ArrayDataset, num_tasks: int = 0) -> Message:
+    """The evaluate stage's reply for ``model`` on ``test``, with per-task counts of correct and
+    scored samples when the data has tasks (``num_tasks`` > 0)."""
+    groups = test.task if num_tasks else None
+    result = evaluate(model, test.x, test.y, groups=groups, num_groups=num_tasks)
+    reply = Message(scalars={"accuracy": float(result["accuracy"]), "loss": float(result["loss"]),
+                             "num_examples": int(result["n"])})
+    if groups is not None:
+        reply.arrays["task_correct"] = result["group_correct"]
+        reply.arrays["task_count"] = result["group_count"]
+    return reply
+
+
+def default_client_modules(arch: str, config: Any) -> dict[str, ModuleSpec]:
+    """One slot, ``model``, of the client's assigned architecture."""
+    return {MAIN_SLOT: ModuleSpec.of(arch)}
 
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """A registered method: its config, its two sides and the messages of each stage."""
+    """A registered method: its config, its two sides, the messages of each stage and the
+    module slots its clients hold (``client_modules(arch, config) -> {slot: ModuleSpec}``).
+
+    Checked at registration: every stage has a handler on ``client_cls`` and is a Python
+    identifier (Flower's message types need that); an ``evaluate`` schema, if declared, extends
+    the default one (it must still carry accuracy, loss and num_examples)."""
 
     name: str
     config_cls: type
@@ -162,13 +239,36 @@ class AlgorithmSpec:
     summary: str
     homogeneous_only: bool = False
     uses_public: bool = False
+    client_modules: Callable[[str, Any], Mapping[str, ModuleSpec]] = field(default=default_client_modules)
+
+    def __post_init__(self) -> None:
+        for stage in list(self.schemas) + [EVALUATE_STAGE]:
+            if not stage.isidentifier() or stage.startswith("_"):
+                raise ValueError(f"algorithm '{self.name}': stage {stage!r} must be a Python identifier "
+                                 f"not starting with '_' (it travels as Flower message type query.{stage})")
+            if not callable(getattr(self.client_cls, stage, None)):
+                raise ValueError(f"algorithm '{self.name}': stage '{stage}' is declared but "
+                                 f"{self.client_cls.__name__} has no method '{stage}' to handle it")
+        if EVALUATE_STAGE in self.schemas:
+            declared = self.schemas[EVALUATE_STAGE].up.scalars
+            missing = sorted(set(EVALUATE_SCHEMA.up.scalars) - set(declared))
+            if missing:
+                raise ValueError(f"algorithm '{self.name}': its evaluate schema must keep {missing}")
 
     def schema(self, stage: str) -> StageSchema:
+        if stage in self.schemas:
+            return self.schemas[stage]
         if stage == EVALUATE_STAGE:
             return EVALUATE_SCHEMA
-        if stage not in self.schemas:
-            raise ValueError(f"algorithm '{self.name}' declares no stage '{stage}' (stages: {sorted(self.schemas)})")
-        return self.schemas[stage]
+        raise ValueError(f"algorithm '{self.name}' declares no stage '{stage}' (stages: {sorted(self.schemas)})")
+
+    def modules_for(self, arch: str, config: Any) -> dict[str, ModuleSpec]:
+        """The module slots of a client whose assigned architecture is ``arch``."""
+        slots = dict(self.client_modules(arch, config))
+        if not slots or any(not isinstance(s, str) or not s.isidentifier() or s == "state" for s in slots):
+            raise ValueError(f"algorithm '{self.name}': clients need at least one module slot, each named by an "
+                             f"identifier other than 'state' (got {sorted(map(str, slots))})")
+        return slots
 
 
 # Reusable schema pieces -----------------------------------------------------------------------
@@ -187,22 +287,6 @@ class NoConfig:
     """For methods without hyperparameters of their own."""
 
 
-__all__ = [
-    "AlgorithmSpec",
-    "Client",
-    "ClientContext",
-    "ClientTraining",
-    "Comm",
-    "EVALUATE_STAGE",
-    "NoConfig",
-    "PROBS",
-    "Server",
-    "ServerSetup",
-    "train_locally",
-    "weight_fields",
-]
-
-
 def train_locally(ctx: ClientContext, epochs: float | None = None) -> dict[str, float]:
     """The shared client routine: cross-entropy on the client's private data."""
     from ..learn import fit  # noqa: PLC0415
@@ -217,3 +301,25 @@ def train_locally(ctx: ClientContext, epochs: float | None = None) -> dict[str, 
         generator=ctx.generator("fit"),
         augment=ctx.training.augment,
     )
+
+
+__all__ = [
+    "AlgorithmSpec",
+    "Client",
+    "ClientContext",
+    "ClientState",
+    "ClientTraining",
+    "Comm",
+    "EVALUATE_SCHEMA",
+    "EVALUATE_STAGE",
+    "MAIN_SLOT",
+    "ModuleFactory",
+    "NoConfig",
+    "PROBS",
+    "Server",
+    "ServerSetup",
+    "default_client_modules",
+    "evaluation_reply",
+    "train_locally",
+    "weight_fields",
+]

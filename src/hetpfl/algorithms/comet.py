@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..configuration import option
 from .base import AlgorithmSpec, Comm, Server, ServerSetup
 from .clustering import kmeans
 from .pseudo_label_client import SOFT_LABEL_ROUND, cluster_targets, PseudoLabelClient, PseudoLabelClientConfig
@@ -23,19 +24,10 @@ from .soft_labels import AGGREGATIONS, aggregate_probabilities
 
 @dataclass
 class CometConfig(PseudoLabelClientConfig):
-    num_clusters: int = 5  # K (COSMOS's COMET baseline uses 5, the number of data groups)
-    aggregation: str = "mean"  # COMET averages its cluster's soft labels
+    num_clusters: int = option(5, ge=1)  # K (COSMOS's COMET baseline uses 5, the number of data groups)
+    aggregation: str = option("mean", choices=AGGREGATIONS)  # COMET averages its cluster's soft labels
     recluster_every_round: bool = True  # COMET re-clusters each round (warm-started k-means)
-    kmeans_restarts: int = 10  # k-means++ seedings for a cold start (the best inertia wins)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_clusters < 1:
-            raise ValueError(f"num_clusters={self.num_clusters}: must be >= 1")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={self.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
-        if self.kmeans_restarts < 1:
-            raise ValueError(f"kmeans_restarts={self.kmeans_restarts}: must be >= 1")
+    kmeans_restarts: int = option(10, ge=1)  # k-means++ seedings for a cold start (the best inertia wins)
 
 
 class CometServer(Server):

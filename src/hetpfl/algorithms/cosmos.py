@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..configuration import option, require
 from ..learn import OptimOptions, distill, predict_proba
 from ..rng import derive_seed
 from .base import AlgorithmSpec, Comm, Server, ServerSetup
@@ -56,60 +57,35 @@ CLUSTER_SELECTIONS = ("auto", "oracle", "threshold")
 class CosmosConfig(PseudoLabelClientConfig):
     # --- the server models ---------------------------------------------------------------------
     server_arch: str = "vgg_small"  # paper: VGG-16 (from scratch); ours: the VGG-style registry net
-    server_epochs: float = 5.0  # passes over U per round and cluster (code)
-    server_lr: float = 1e-4  # Adam (code)
-    server_batch_size: int = 32  # code
-    server_max_grad_norm: float | None = 1.0  # code
+    server_epochs: float = option(5.0, ge=0)  # passes over U per round and cluster (code)
+    server_lr: float = option(1e-4, gt=0)  # Adam (code)
+    server_batch_size: int = option(32, ge=1)  # code
+    server_max_grad_norm: float | None = option(1.0, gt=0)  # code
     server_shuffle: bool = True  # not stated for the server; we shuffle (rows stay paired with targets)
-    server_temperature: float | None = None  # None: the clients' T
-    server_consistency_weight: float | None = None  # None: the clients' λ
-    aggregation: str = "mean"  # mean | median | max (the server input rule the paper sweeps)
+    server_temperature: float | None = option(None, gt=0)  # None: the clients' T
+    server_consistency_weight: float | None = option(None, ge=0)  # None: the clients' λ
+    aggregation: str = option("mean", choices=AGGREGATIONS)  # the server input rule the paper sweeps
     collapse_guard: bool = True  # label-free: re-initialize a server model whose predictions collapse
-    collapse_retries: int = 5  # code: up to 5 tries
+    collapse_retries: int = option(5, ge=0)  # code: up to 5 tries
     # --- clustering ----------------------------------------------------------------------------
-    distance: str = "frobenius"  # frobenius | symmetric_ce
-    cluster_selection: str = "auto"  # auto (silhouette) | oracle (code: needs K*) | threshold (fixed ε)
+    distance: str = option("frobenius", choices=DISTANCES)  # frobenius | symmetric_ce
+    # auto (silhouette) | oracle (code: needs K*) | threshold (fixed ε)
+    cluster_selection: str = option("auto", choices=CLUSTER_SELECTIONS)
     recluster_every_round: bool = False  # paper: cluster once, at round 0
     min_silhouette: float = 0.25  # auto: below this best silhouette, one cluster (no structure)
-    oracle_clusters: int | None = None  # oracle: K*, the TRUE number of data groups
-    oracle_addition: int = 0  # oracle: a, stop at <= K* + a clusters (code runs 0 and 2)
-    epsilon_start: float = 0.1  # oracle: first ε (code)
-    epsilon_step: float = 0.1  # oracle: ε increment (code)
-    epsilon: float | None = None  # threshold: the fixed ε
+    oracle_clusters: int | None = option(None, ge=1)  # oracle: K*, the TRUE number of data groups
+    oracle_addition: int = option(0, ge=0)  # oracle: a, stop at <= K* + a clusters (code runs 0 and 2)
+    epsilon_start: float = option(0.1, ge=0)  # oracle: first ε (code)
+    epsilon_step: float = option(0.1, gt=0)  # oracle: ε increment (code)
+    epsilon: float | None = option(None, ge=0)  # threshold: the fixed ε
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.server_epochs < 0:
-            raise ValueError(f"server_epochs={self.server_epochs}: must be >= 0")
-        if self.server_lr <= 0:
-            raise ValueError(f"server_lr={self.server_lr}: must be > 0")
-        if self.server_batch_size < 1:
-            raise ValueError(f"server_batch_size={self.server_batch_size}: must be >= 1")
-        if self.server_temperature is not None and self.server_temperature <= 0:
-            raise ValueError(f"server_temperature={self.server_temperature}: must be > 0 or null")
-        if self.server_consistency_weight is not None and self.server_consistency_weight < 0:
-            raise ValueError(f"server_consistency_weight={self.server_consistency_weight}: must be >= 0 or null")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={self.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
-        if self.collapse_retries < 0:
-            raise ValueError(f"collapse_retries={self.collapse_retries}: must be >= 0")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance={self.distance!r}: expected one of {', '.join(DISTANCES)}")
-        if self.cluster_selection not in CLUSTER_SELECTIONS:
-            raise ValueError(
-                f"cluster_selection={self.cluster_selection!r}: expected one of {', '.join(CLUSTER_SELECTIONS)}"
-            )
-        if self.cluster_selection == "oracle" and (self.oracle_clusters is None or self.oracle_clusters < 1):
-            raise ValueError(
-                f"oracle_clusters={self.oracle_clusters}: cluster_selection=oracle needs the true number of "
-                f"groups K* (>= 1), e.g. the value of data.groups"
-            )
-        if self.oracle_addition < 0:
-            raise ValueError(f"oracle_addition={self.oracle_addition}: must be >= 0")
-        if self.epsilon_start < 0 or self.epsilon_step <= 0:
-            raise ValueError(f"epsilon_start={self.epsilon_start}, epsilon_step={self.epsilon_step}: need >= 0 and > 0")
-        if self.cluster_selection == "threshold" and (self.epsilon is None or self.epsilon < 0):
-            raise ValueError(f"epsilon={self.epsilon}: cluster_selection=threshold needs a threshold >= 0")
+        require(self.cluster_selection != "oracle" or self.oracle_clusters is not None, "oracle_clusters",
+                self.oracle_clusters, "cluster_selection=oracle needs the true number of groups K* (>= 1), "
+                "e.g. the value of data.groups")
+        require(self.cluster_selection != "threshold" or self.epsilon is not None, "epsilon", self.epsilon,
+                "cluster_selection=threshold needs a threshold >= 0")
 
     @property
     def server_T(self) -> float:

@@ -22,18 +22,6 @@ class FedAvgConfig:
     """FedAvg has no hyperparameters beyond the shared client routine."""
 
 
-def require_homogeneous(algorithm: str, archs: list[str]) -> str:
-    """The one architecture of the federation, or a clear error naming the ones found."""
-    distinct = sorted(set(archs))
-    if len(distinct) != 1:
-        raise ValueError(
-            f"{algorithm} averages weights, so every client needs the same architecture; "
-            f"this federation has {len(distinct)}: {', '.join(distinct)} "
-            f"(set models.clients to a single architecture, or use a model-agnostic method)"
-        )
-    return distinct[0]
-
-
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """Average float arrays by ``weights``; integer buffers (counters) take the maximum."""
     total = float(sum(weights))
@@ -49,8 +37,8 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
 class FedAvgServer(Server):
     def __init__(self, config: FedAvgConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
-        arch = require_homogeneous("fedavg", setup.client_archs)
-        self.global_model = setup.build_model(arch, "global")
+        # one architecture for every client: the spec declares homogeneous_only, checked in prepare
+        self.global_model = setup.build_model(setup.client_archs[0], "global")
 
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
         weights = state_to_arrays(self.global_model)

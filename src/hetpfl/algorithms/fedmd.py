@@ -19,30 +19,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..learn import distill, predict_logits
+from ..configuration import Validated, option
+from ..learn import DISTILL_LOSSES, distill, predict_logits
 from ..messages import ArrayField, Message, Schema, StageSchema
 from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, train_locally
 
 
 @dataclass
-class FedMDConfig:
-    pretrain_epochs: float = 5.0  # private-data epochs before the first upload
-    public_per_round: int | None = None  # public inputs used per round (None: all of them)
-    distill_epochs: float = 1.0
-    distill_lr: float | None = None  # None: the client routine's lr
-    distill_batch_size: int = 32
-    digest_loss: str = "l1_logits"  # l1_logits (the paper's code) | kl (on softmax(consensus / T))
-    temperature: float = 1.0  # only for digest_loss: kl
-
-    def __post_init__(self) -> None:
-        if self.pretrain_epochs < 0:
-            raise ValueError(f"pretrain_epochs={self.pretrain_epochs}: must be >= 0")
-        if self.public_per_round is not None and self.public_per_round < 1:
-            raise ValueError(f"public_per_round={self.public_per_round}: must be >= 1 or null")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}: must be > 0")
-        if self.digest_loss not in ("l1_logits", "kl"):
-            raise ValueError(f"digest_loss={self.digest_loss!r}: expected l1_logits or kl")
+class FedMDConfig(Validated):
+    pretrain_epochs: float = option(5.0, ge=0)  # private-data epochs before the first upload
+    public_per_round: int | None = option(None, ge=1)  # public inputs used per round (None: all of them)
+    distill_epochs: float = option(1.0, ge=0)
+    distill_lr: float | None = option(None, gt=0)  # None: the client routine's lr
+    distill_batch_size: int = option(32, ge=1)
+    # l1_logits (the paper's code) | kl (on softmax(consensus / T))
+    digest_loss: str = option("l1_logits", choices=DISTILL_LOSSES)
+    temperature: float = option(1.0, gt=0)  # only for digest_loss: kl
 
 
 class FedMDServer(Server):

@@ -20,7 +20,7 @@ Per-sample weights w_b (``client_weighting``):
   * ``none``: w_b = 1 (plain batch-mean KL).
   * ``public_labels``: w_b = n_i(y_b) / N_U with y_b the TRUE label of public sample b, as the
     official code does. **This reads public labels (a leak)**: the experiment layer hands them to
-    the config (``attach_public_labels``) only when this option is chosen.
+    the clients (``ctx.leaked_public_labels``) only when this option is chosen.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..configuration import Validated, option
 from ..learn import distill, predict_proba
 from ..messages import ArrayField, Message, Schema, StageSchema
 from .base import PROBS, Client, ClientContext, train_locally
@@ -40,73 +41,47 @@ LABELS = ArrayField(dtype="int64", shape=("num_public",))
 
 
 @dataclass
-class PseudoLabelClientConfig:
+class PseudoLabelClientConfig(Validated):
     """Hyperparameters of the shared client routine (the method configs inherit them)."""
 
-    temperature: float = 1.0  # T on the targets (paper's best; code default); 1 leaves them unchanged
-    consistency_weight: float = 5.0  # λ of the noise-consistency term (paper's best)
-    noise_std: float = 0.05  # std of the Gaussian input noise of the consistency term (code)
-    distill_epochs: float = 5.0  # passes over the public inputs per round (code)
-    distill_batch_size: int = 32  # code (64 for EMNIST/TinyImageNet)
-    distill_lr: float = 1e-3  # Adam lr in effect in the code's client distillation (methods.md 1.4)
-    distill_max_grad_norm: float | None = 1.0  # code clips the gradient norm at 1.0
+    temperature: float = option(1.0, gt=0)  # T on the targets (paper's best; code default); 1 leaves them unchanged
+    consistency_weight: float = option(5.0, ge=0)  # λ of the noise-consistency term (paper's best)
+    noise_std: float = option(0.05, ge=0)  # std of the Gaussian input noise of the consistency term (code)
+    distill_epochs: float = option(5.0, ge=0)  # passes over the public inputs per round (code)
+    distill_batch_size: int = option(32, ge=1)  # code (64 for EMNIST/TinyImageNet)
+    distill_lr: float = option(1e-3, gt=0)  # Adam lr in effect in the code's client distillation (methods.md 1.4)
+    distill_max_grad_norm: float | None = option(1.0, gt=0)  # code clips the gradient norm at 1.0
     distill_shuffle: bool = False  # code: batches in public order (row b*32.. of the targets)
     distill_drop_last: bool = True  # code drops the last short batch
-    client_weighting: str = "pseudo_label"  # pseudo_label | none | public_labels (LEAKS public labels)
-    pretrain_epochs: float | None = None  # private epochs in a client's first round (None: client.local_epochs)
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}: must be > 0")
-        if self.consistency_weight < 0:
-            raise ValueError(f"consistency_weight={self.consistency_weight}: must be >= 0")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std={self.noise_std}: must be >= 0")
-        if self.distill_epochs < 0:
-            raise ValueError(f"distill_epochs={self.distill_epochs}: must be >= 0")
-        if self.distill_batch_size < 1:
-            raise ValueError(f"distill_batch_size={self.distill_batch_size}: must be >= 1")
-        if self.distill_lr <= 0:
-            raise ValueError(f"distill_lr={self.distill_lr}: must be > 0")
-        if self.distill_max_grad_norm is not None and self.distill_max_grad_norm <= 0:
-            raise ValueError(f"distill_max_grad_norm={self.distill_max_grad_norm}: must be > 0 or null")
-        if self.pretrain_epochs is not None and self.pretrain_epochs < 0:
-            raise ValueError(f"pretrain_epochs={self.pretrain_epochs}: must be >= 0 or null")
-        if self.client_weighting not in CLIENT_WEIGHTINGS:
-            raise ValueError(
-                f"client_weighting={self.client_weighting!r}: expected one of {', '.join(CLIENT_WEIGHTINGS)}"
-            )
-        self._public_labels: np.ndarray | None = None  # not a field: never in a config file
+    # pseudo_label | none | public_labels (LEAKS public labels)
+    client_weighting: str = option("pseudo_label", choices=CLIENT_WEIGHTINGS)
+    pretrain_epochs: float | None = option(None, ge=0)  # private epochs in a client's first round (None: client.local_epochs)
 
     @property
     def uses_public_labels(self) -> bool:
-        """True only for the opt-in ``client_weighting: public_labels`` (the official code's leak)."""
+        """True only for the opt-in ``client_weighting: public_labels`` (the official code's leak):
+        then, and only then, the experiment layer hands the true public labels to the clients
+        (``ctx.leaked_public_labels``)."""
         return self.client_weighting == "public_labels"
-
-    def attach_public_labels(self, labels: np.ndarray) -> None:
-        """Called by the experiment layer, and only when :attr:`uses_public_labels`."""
-        if not self.uses_public_labels:
-            raise ValueError("public labels are attached only with client_weighting=public_labels")
-        labels = np.array(labels, dtype=np.int64, copy=True)
-        labels.flags.writeable = False
-        self._public_labels = labels
 
 
 def sample_weights(
-    config: PseudoLabelClientConfig, targets: np.ndarray, label_counts: np.ndarray
+    config: PseudoLabelClientConfig, targets: np.ndarray, label_counts: np.ndarray,
+    public_labels: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """The per-public-sample weights w_b of the client's distillation loss (module docstring)."""
+    """The per-public-sample weights w_b of the client's distillation loss (module docstring).
+    ``public_labels``: the true labels, needed (and only then given) for ``public_labels``."""
     if config.client_weighting == "none":
         return None
     if config.client_weighting == "pseudo_label":
         classes = np.asarray(targets).argmax(axis=-1)
     else:  # public_labels: the official code's (leaking) weighting
-        if config._public_labels is None:
+        if public_labels is None:
             raise ValueError(
                 "client_weighting=public_labels needs the public labels, which only the experiment layer "
-                "attaches (hetpfl.experiment.prepare); they are missing here"
+                "hands over (hetpfl.prepare.prepare); they are missing here"
             )
-        classes = config._public_labels
+        classes = public_labels
         if len(classes) != len(targets):
             raise ValueError(f"{len(classes)} public labels for {len(targets)} target rows")
     return (np.asarray(label_counts, dtype=np.float64)[classes] / len(targets)).astype(np.float32)
@@ -126,7 +101,7 @@ def distill_targets(config: PseudoLabelClientConfig, ctx: ClientContext, targets
         temperature=config.temperature,
         consistency_weight=config.consistency_weight,
         noise_std=config.noise_std,
-        sample_weights=sample_weights(config, targets, ctx.label_counts()),
+        sample_weights=sample_weights(config, targets, ctx.label_counts(), ctx.leaked_public_labels),
         shuffle=config.distill_shuffle,
         drop_last=config.distill_drop_last,
     )
