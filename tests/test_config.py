@@ -79,3 +79,40 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("rounds")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.distill_epochs=-1", "algorithm.distill_epochs=-1.0: must be >= 0"),
+        ("client.lr=.inf", "client.lr=inf: must be finite"),
+        ("client.lr=0", "client.lr=0.0: must be > 0"),
+        ("client.momentum=1.0", "client.momentum=1.0: must be in [0, 1)"),
+        ("client.max_grad_norm=0", "client.max_grad_norm=0.0: must be > 0"),
+        ("client.augment=rotate", "client.augment='rotate': expected one of none, crop_flip, flip"),
+        ("data.mix_fraction=2", "data.mix_fraction=2.0: must be in [0, 1]"),
+        ("data.drift.scheme=sudden", "data.drift.scheme='sudden': expected one of none, class_incremental"),
+        ("runtime.executor=gpu", "runtime.executor='gpu': expected one of sequential"),
+        ("runtime.client_state=cloud", "runtime.client_state='cloud': expected one of memory, disk"),
+        ("runtime.checkpoint_every=-1", "runtime.checkpoint_every=-1: must be >= 0"),
+    ],
+)
+def test_every_rule_is_declared_once_and_reads_as_a_dotted_key(override, message):
+    """Rules live with the fields (bounds, and the one list of allowed values), so each error has
+    one form: ``<section>.<key>=<value>: <rule>``."""
+    key, raw = override.split("=", 1)
+    with pytest.raises(ConfigError) as info:
+        small_config("fedmd", **{key: raw})
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_method_configs_check_their_rules_when_built_in_code_too():
+    from hetpfl.algorithms.cosmos import CosmosConfig
+    from hetpfl.configuration import FieldError
+
+    with pytest.raises(FieldError, match=r"server_epochs=-1: must be >= 0"):
+        CosmosConfig(server_epochs=-1)
+    with pytest.raises(FieldError, match=r"oracle_clusters=None: cluster_selection=oracle needs"):
+        CosmosConfig(cluster_selection="oracle")
+    with pytest.raises(ConfigError, match=r"algorithm.oracle_clusters=None: cluster_selection=oracle needs"):
+        small_config("cosmos", **{"algorithm.cluster_selection": "oracle"})

@@ -20,6 +20,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.app import Message as FlowerMessage  # noqa: E402
 
 from hetpfl.algorithms import ALGORITHMS  # noqa: E402
+from hetpfl.config import config_yaml  # noqa: E402
 from hetpfl.experiment import prepare, run_experiment  # noqa: E402
 from hetpfl.messages import Message  # noqa: E402
 from hetpfl.runtimes import flower  # noqa: E402
@@ -30,9 +31,10 @@ from hetpfl.runtimes.flower import (  # noqa: E402
     message_to_records,
     recorddict_to_message,
     run_on_grid,
+    stage_names,
     wait_for_nodes,
 )
-from hetpfl.runtimes.flower_app import client_app, load_run_config, stage_names  # noqa: E402
+from hetpfl.flower_app import client_app, load_run_config  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
@@ -172,7 +174,7 @@ def test_local_grid_reproduces_the_simulator_and_flowers_byte_counts(tmp_path):
     reference = run_experiment(config, tmp_path / "simulator")
     grid = LocalGrid(_nodes(config.data.num_clients, tmp_path / "states"))
     summary = run_experiment(config, tmp_path / "grid", runner=lambda prepared, on_round: run_on_grid(
-        grid, prepared, on_round, node_timeout=5, runtime="flower-test"))
+        grid, prepared.run, config_yaml(prepared.config), on_round, node_timeout=5, runtime="flower-test"))
     assert _measures(tmp_path / "grid") == _measures(tmp_path / "simulator")
     assert summary["final"] == reference["final"] and summary["runtime"] == "flower-test"
     assert summary["bytes_down_total"] == sum(v for k, v in grid.sent_bytes.items() if k not in ("evaluate", "hello"))
@@ -181,7 +183,7 @@ def test_local_grid_reproduces_the_simulator_and_flowers_byte_counts(tmp_path):
     assert grid.sent_bytes["hello"] == 0  # the hello carries no payload: only meta and the config
     # each node kept its personal model (and its own partition) on its side
     states = sorted(p.name for p in (tmp_path / "states").glob("run-7/*"))
-    assert [s for s in states if s.startswith("client-")] == [f"client-{i:06d}.pkl" for i in range(6)]
+    assert [s for s in states if s.startswith("client-")] == [f"client-{i:06d}.npz" for i in range(6)]
     assert len([s for s in states if s.startswith("prepared-")]) == 6
 
 
@@ -190,7 +192,7 @@ def test_failing_and_silent_clients_are_reported_and_the_round_goes_on(tmp_path)
     grid = LocalGrid(_nodes(6, tmp_path / "states"), fail={(1, "digest_revisit"): "disk full"},
                      silent={(4, "communicate")})
     run_experiment(config, tmp_path / "out", runner=lambda prepared, on_round: run_on_grid(
-        grid, prepared, on_round, node_timeout=5, stage_timeout=0.1))
+        grid, prepared.run, config_yaml(prepared.config), on_round, node_timeout=5, stage_timeout=0.1))
     rows = _measures(tmp_path / "out")
     assert [r["round"] for r in rows] == [0, 1]
     for row in rows:
@@ -204,7 +206,7 @@ def test_a_client_that_raises_becomes_an_error_reply(tmp_path):
     prepared = prepare(small_config("fedmd", rounds=1))
     grid = LocalGrid(_nodes(6, tmp_path))
     node_for_client = dict(enumerate(grid.get_node_ids()))
-    transport = FlowerTransport(grid, node_for_client, experiment=flower.config_yaml(prepared.config))
+    transport = FlowerTransport(grid, node_for_client, experiment=config_yaml(prepared.config))
     result = transport.exchange("evaluate", 0, {0: Message(), 2: Message()})
     assert sorted(result.replies) == [0, 2] and not result.failures
     result = transport.exchange("communicate", 0, {3: Message({"public_idx": np.array([10**9])})})
@@ -213,29 +215,29 @@ def test_a_client_that_raises_becomes_an_error_reply(tmp_path):
 
 def test_node_mapping_errors_name_the_problem(tmp_path):
     prepared = prepare(small_config("fedmd", rounds=1))
-    text = flower.config_yaml(prepared.config)
+    text = config_yaml(prepared.config)
     nodes = _nodes(6, tmp_path)
     nodes[4]["partition-id"] = 3  # two nodes claim client 3, nobody hosts client 4
     grid = LocalGrid(nodes)
     with pytest.raises(FlowerRuntimeError, match=r"no SuperNode hosts client\(s\) \[4\].*claim partition-id=3"):
-        flower.map_clients_to_nodes(grid, grid.get_node_ids(), prepared, text, timeout=5)
+        flower.map_clients_to_nodes(grid, grid.get_node_ids(), prepared.run, text, timeout=5)
     wrong = LocalGrid([{**n, "num-partitions": 5} for n in _nodes(6, tmp_path)])
     with pytest.raises(FlowerRuntimeError, match="num-partitions=5 but the experiment has data.num_clients=6"):
-        flower.map_clients_to_nodes(wrong, wrong.get_node_ids(), prepared, text, timeout=5)
+        flower.map_clients_to_nodes(wrong, wrong.get_node_ids(), prepared.run, text, timeout=5)
     unnamed = LocalGrid([{} for _ in range(6)])
     with pytest.raises(FlowerRuntimeError, match="has no partition-id"):
-        flower.map_clients_to_nodes(unnamed, unnamed.get_node_ids(), prepared, text, timeout=5)
+        flower.map_clients_to_nodes(unnamed, unnamed.get_node_ids(), prepared.run, text, timeout=5)
     other_data = LocalGrid(_nodes(6, tmp_path))
-    other_text = flower.config_yaml(small_config("fedmd", rounds=1, seed=5))  # another partition
+    other_text = config_yaml(small_config("fedmd", rounds=1, seed=5))  # another partition
     with pytest.raises(FlowerRuntimeError, match="the node prepares other data"):
-        flower.map_clients_to_nodes(other_data, other_data.get_node_ids(), prepared, other_text, timeout=5)
+        flower.map_clients_to_nodes(other_data, other_data.get_node_ids(), prepared.run, other_text, timeout=5)
 
 
 def test_a_spare_node_that_does_not_answer_is_not_fatal(tmp_path):
     prepared = prepare(small_config("fedmd", rounds=1))
     nodes = _nodes(6, tmp_path) + [{"partition-id": 99, "state-dir": str(tmp_path)}]
     grid = LocalGrid(nodes, silent={(99, "hello")})
-    mapping = flower.map_clients_to_nodes(grid, grid.get_node_ids(), prepared, flower.config_yaml(prepared.config),
+    mapping = flower.map_clients_to_nodes(grid, grid.get_node_ids(), prepared.run, config_yaml(prepared.config),
                                           timeout=0.3)
     assert sorted(mapping) == list(range(6)) and len(set(mapping.values())) == 6
 
@@ -261,21 +263,31 @@ def test_run_config_reads_a_path_inline_yaml_and_overrides(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Flower's simulation engine (Ray)
+# Flower's simulation engine (Ray): every method is compared with the simulator in
+# tests/test_contract.py; here, a checkpointed flower-sim run resumes exactly.
 # ------------------------------------------------------------------------------------------
-
-SIMULATED = [a for a in ("fedmd", "cosmos") if a in ALGORITHMS]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", SIMULATED)
-def test_flower_simulation_gives_the_simulators_metrics(tmp_path, algorithm):
-    """Same seed, same metrics.jsonl, byte for byte: every random draw comes from
-    (seed, client, round, stage) streams, and each client call seeds torch itself."""
-    run_experiment(small_config(algorithm), tmp_path / "simulator")
-    summary = run_experiment(small_config(algorithm, **{"runtime.name": "flower-sim"}), tmp_path / "flower")
-    assert (tmp_path / "flower" / "metrics.jsonl").read_text() == (tmp_path / "simulator" / "metrics.jsonl").read_text()
-    assert summary["runtime"] == "flower-sim"
-    assert sorted(summary["flower"]["node_for_client"]) == [str(i) for i in range(6)]
+def test_flower_simulation_checkpoints_and_resumes(tmp_path):
+    config = small_config("cosmos", rounds=3, **{"runtime.name": "flower-sim", "runtime.checkpoint_every": 1,
+                                                 "algorithm.server_arch": "mlp", "algorithm.server_epochs": 1})
+    reference = tmp_path / "reference"
+    run_experiment(small_config("cosmos", rounds=3, **{"algorithm.server_arch": "mlp", "algorithm.server_epochs": 1}),
+                   reference)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(row):
+        if row["round"] == 1:
+            raise Crash
+
+    out = tmp_path / "flower"
+    with pytest.raises(Crash):
+        run_experiment(config, out, on_round=crash)
+    summary = run_experiment(config, out, resume=True)
+    assert summary["resumed_at_round"] == 1 and summary["runtime"] == "flower-sim"
+    assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     for name in ("config.yaml", "summary.json", "timings.jsonl", "accuracy.png"):
-        assert (tmp_path / "flower" / name).stat().st_size > 0
+        assert (out / name).stat().st_size > 0

@@ -194,7 +194,7 @@ def test_superlink_three_supernodes_and_flwr_run(tmp_path):
     for name in ("config.yaml", "timings.jsonl", "accuracy.png"):
         assert (out / name).stat().st_size > 0
     # each SuperNode kept its client's personal model on its side, between rounds
-    assert sorted(p.name for p in states.glob("run-*/client-*.pkl")) == [f"client-{i:06d}.pkl" for i in range(NODES)]
+    assert sorted(p.name for p in states.glob("run-*/client-*.npz")) == [f"client-{i:06d}.npz" for i in range(NODES)]
 
     # and the numbers are the in-process simulator's, for the same seed
     from hetpfl.experiment import load_config, run_experiment

@@ -85,7 +85,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from .algorithms import ALGORITHMS  # noqa: PLC0415
-    from .data import DATASETS, PARTITIONERS  # noqa: PLC0415
+    from .data import DATASETS, DRIFT_SCHEMES, PARTITIONERS  # noqa: PLC0415
     from .models import ARCHITECTURES  # noqa: PLC0415
 
     print("algorithms:")
@@ -96,6 +96,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:16s} {arch.description}")
     print("datasets:    " + ", ".join(DATASETS))
     print("partitions:  " + ", ".join(PARTITIONERS))
+    print("drift:       " + ", ".join(DRIFT_SCHEMES))
     return 0
 
 
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--out", help="results folder (default: runs/<name>)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key)")
     run.add_argument("--data-dir", help="where datasets are read from (else $HETPFL_DATA_DIR, else ~/.cache/hetpfl/data)")
-    run.add_argument("--runtime", choices=["simulator", "flower-sim"], help="shortcut for --set runtime.name=...")
+    run.add_argument("--runtime", help="shortcut for --set runtime.name=... (simulator, flower-sim)")
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="compare run folders (mean ± std over seeds)")
     rep.add_argument("runs", nargs="+", help="run folders, or folders containing them")

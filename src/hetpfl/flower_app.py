@@ -1,8 +1,12 @@
 """The Flower app of hetpfl: the components ``pyproject.toml`` names under ``[tool.flwr.app]``.
 
+An entry point, like the CLI: it wires the experiment layer (config, preparation, results
+folder) to the Flower runtime (:mod:`hetpfl.runtimes.flower`), which sits below it.
+
 * ``client_app`` answers ``query.<stage>`` for every stage of every registered algorithm, plus
   ``query.evaluate`` and ``query.hello``, by running it through a ClientHost
-  (:func:`hetpfl.runtimes.flower.handle_query`). The simulation runtime uses it too.
+  (:func:`hetpfl.runtimes.flower.handle_query`); it rebuilds the run from the experiment's YAML
+  with :func:`hetpfl.prepare.run_from_yaml`.
 * ``server_app`` is the deployment entry point (``flwr run``): it reads the experiment from the
   run config, waits for one SuperNode per client, runs every round and writes the same results
   folder as ``hetpfl run``. Run config keys (``[tool.flwr.app.config]``, ``--run-config``):
@@ -22,33 +26,19 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 from flwr.app import Context
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..algorithms import ALGORITHMS
-from ..algorithms.base import EVALUATE_STAGE
-from .flower import HELLO, handle_query, quiet_environment, run_on_grid
+from .config import ExperimentConfig, config_yaml, load_config
+from .configuration import ConfigError
+from .experiment import run_experiment
+from .prepare import run_from_yaml
+from .runtimes.flower import make_client_app, quiet_environment, run_on_grid
 
 quiet_environment()
 log = logging.getLogger("flwr.hetpfl")  # a child of Flower's logger: shown in its log stream
 
-
-def stage_names() -> list[str]:
-    """Every stage a ClientApp may be asked: all registered algorithms' stages, evaluate, hello."""
-    names = {EVALUATE_STAGE, HELLO}
-    for spec in ALGORITHMS.values():
-        names.update(spec.schemas)
-    return sorted(names)
-
-
-client_app = ClientApp()
-for _stage in stage_names():
-    if _stage.isidentifier():
-        client_app.query(_stage)(handle_query)
-    else:  # Flower's message types need identifiers; such a stage would fail loudly on use
-        log.warning("stage %r is not a Python identifier and cannot travel as a Flower message type", _stage)
+client_app = make_client_app(run_from_yaml)
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,11 +56,8 @@ def _app_dirs() -> list[Path]:
     return dirs
 
 
-def load_run_config(run_config: Mapping[str, Any]):
+def load_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """The ExperimentConfig a ``flwr run`` asks for (see the module docstring for the keys)."""
-    from ..configuration import ConfigError  # noqa: PLC0415
-    from ..experiment import load_config  # noqa: PLC0415
-
     source = str(run_config.get("config", "") or "").strip()
     overrides = [item.strip() for item in str(run_config.get("set", "") or "").split(";") if item.strip()]
     if not source:
@@ -83,13 +70,7 @@ def load_run_config(run_config: Mapping[str, Any]):
             if candidate.is_file():
                 return load_config(candidate, overrides)
         raise ConfigError(f"config file {source!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
-    try:
-        tree = yaml.safe_load(source)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"run config 'config' is neither a .yaml path nor valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"run config 'config'={source[:60]!r}: expected a .yaml path or a YAML mapping")
-    return load_config(base=tree, overrides=overrides)
+    return load_config(text=source, overrides=overrides)
 
 
 def _seconds(run_config: Mapping[str, Any], key: str, default: float | None) -> float | None:
@@ -106,8 +87,6 @@ server_app = ServerApp()
 @server_app.main()
 def deployment_main(grid: Grid, context: Context) -> None:
     """``flwr run``: run the configured experiment across the SuperNodes; write its results folder."""
-    from ..experiment import run_experiment  # noqa: PLC0415
-
     run_config = context.run_config
     config = load_run_config(run_config)
     out = Path(str(run_config.get("out", "") or "") or Path("runs") / config.name).expanduser()
@@ -115,8 +94,8 @@ def deployment_main(grid: Grid, context: Context) -> None:
     stage_timeout = _seconds(run_config, "stage-timeout", None)
 
     def runner(prepared: Any, on_round: Any) -> dict[str, Any]:
-        return run_on_grid(grid, prepared, on_round, node_timeout=node_timeout, stage_timeout=stage_timeout,
-                           runtime="flower-deployment")
+        return run_on_grid(grid, prepared.run, config_yaml(prepared.config), on_round, node_timeout=node_timeout,
+                           stage_timeout=stage_timeout, runtime="flower-deployment")
 
     def on_round(row: dict[str, Any]) -> None:
         acc = row.get("personalized_acc_mean")
@@ -131,4 +110,4 @@ def deployment_main(grid: Grid, context: Context) -> None:
                 "n/a" if final is None else f"{100 * final:.2f}%", out.resolve())
 
 
-__all__ = ["client_app", "load_run_config", "server_app", "stage_names"]
+__all__ = ["client_app", "load_run_config", "server_app"]

@@ -19,14 +19,20 @@ Three ways in:
   (``run_simulation``, Ray) in this process; :func:`hetpfl.experiment.run_experiment` writes the
   results folder exactly as for the in-process simulator.
 * :func:`run_on_grid`: the server side on any Flower ``Grid``; the deployment ServerApp in
-  :mod:`hetpfl.runtimes.flower_app` (run by ``flwr run``) calls it.
-* :func:`handle_query`: the client side, shared by simulation and deployment; it runs the stage
-  through the same :class:`hetpfl.clienthost.ClientHost` the in-process simulator uses.
+  :mod:`hetpfl.flower_app` (run by ``flwr run``) calls it.
+* :func:`make_client_app` / :func:`handle_query`: the client side, shared by simulation and
+  deployment; it runs the stage through the same :class:`hetpfl.clienthost.ClientHost` the
+  in-process simulator uses.
+
+This module sits below the experiment layer: the client side needs to rebuild the run from the
+experiment's YAML, and receives the function that does it (``build_run``,
+:func:`hetpfl.prepare.run_from_yaml`) from its caller instead of importing it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -34,22 +40,25 @@ import pickle
 import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
-import yaml
 
-from ..engine import Exchange, run_rounds
+from ..algorithms import ALGORITHMS
+from ..algorithms.base import EVALUATE_STAGE
+from ..clienthost import ClientHost, DiskStore
+from ..data import ArrayDataset
+from ..engine import CheckpointPolicy, Exchange, RunSpec, run_rounds
 from ..messages import Message
+from . import Launch, RunBuilder
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import Context, RecordDict
     from flwr.app import Message as FlowerMessage
     from flwr.serverapp import Grid
-
-    from ..experiment import Prepared
 
 log = logging.getLogger("flwr.hetpfl")  # a child of Flower's logger: shown in its log stream
 
@@ -58,6 +67,7 @@ HELLO = "hello"  # the first query: every SuperNode tells which client (partitio
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"  # node_config keys (Flower's)
 DATA_DIR, STATE_DIR, TORCH_THREADS = "data-dir", "state-dir", "torch-threads"  # our node_config keys
 SIMULATION = "simulation"  # meta flag: one process serves every client
+RUN_KEY = "run-key"  # meta: names the folder where nodes keep this run's client states
 
 # Flower must neither phone home nor look for updates; Ray must not send usage statistics.
 QUIET_ENVIRONMENT = {
@@ -124,11 +134,13 @@ def payload_bytes(content: "RecordDict") -> int:
     return total
 
 
-def config_yaml(config: Any) -> str:
-    """The experiment config as YAML text (what ``config.yaml`` of a results folder holds)."""
-    from ..configuration import to_plain  # noqa: PLC0415
-
-    return yaml.safe_dump(to_plain(config), sort_keys=False)
+def stage_names() -> list[str]:
+    """Every stage a ClientApp may be asked: all registered algorithms' stages, evaluate, hello
+    (identifiers all: :class:`~hetpfl.algorithms.base.AlgorithmSpec` checks it at registration)."""
+    names = {EVALUATE_STAGE, HELLO}
+    for spec in ALGORITHMS.values():
+        names.update(spec.schemas)
+    return sorted(names)
 
 
 # ------------------------------------------------------------------------------------------
@@ -175,6 +187,7 @@ class FlowerTransport:
     """
 
     remote = True  # a reply that breaks its schema is that client's failure, not the run's
+    states: DiskStore | None
 
     def __init__(
         self,
@@ -184,8 +197,10 @@ class FlowerTransport:
         *,
         experiment: str = "",
         extra_meta: Mapping[str, Any] | None = None,
+        states: DiskStore | None = None,
     ) -> None:
         self.grid = grid
+        self.states = states  # the clients' state folder, when it is on this machine (simulation)
         self.node_for_client = dict(node_for_client)
         self.client_for_node = {node: client for client, node in self.node_for_client.items()}
         if len(self.client_for_node) != len(self.node_for_client):
@@ -258,10 +273,16 @@ def wait_for_nodes(grid: "Grid", expected: int, timeout: float, poll: float = 0.
         time.sleep(poll)
 
 
+def client_facts(run: RunSpec, client: int) -> dict[str, Any]:
+    """What a node and the server must agree on about a client (else they prepared other data)."""
+    return {"n_train": len(run.data.client_train[client]), "n_test": len(run.data.client_test[client]),
+            "arch": run.client_archs[client]}
+
+
 def map_clients_to_nodes(
     grid: "Grid",
     nodes: Iterable[int],
-    prepared: "Prepared",
+    run: RunSpec,
     experiment: str,
     timeout: float | None,
     extra_meta: Mapping[str, Any] | None = None,
@@ -274,7 +295,7 @@ def map_clients_to_nodes(
     from flwr.app import ConfigRecord  # noqa: PLC0415
     from flwr.app import Message as FlowerMessage  # noqa: PLC0415
 
-    num_clients = prepared.run.num_clients
+    num_clients = run.num_clients
     nodes = sorted(nodes)
     queries = []
     for node in nodes:
@@ -305,7 +326,7 @@ def map_clients_to_nodes(
         if not 0 <= client < num_clients:
             log.warning("node %d hosts partition %d, outside 0..%d: not used", node, client, num_clients - 1)
             continue
-        expected = prepared.clients[client]
+        expected = client_facts(run, client)
         for key, theirs in (("n_train", info.get("n-train")), ("n_test", info.get("n-test")), ("arch", info.get("arch"))):
             if theirs != expected[key]:
                 mismatches.append(
@@ -334,23 +355,29 @@ def map_clients_to_nodes(
 
 def run_on_grid(
     grid: "Grid",
-    prepared: "Prepared",
+    run: RunSpec,
+    experiment: str,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     *,
     node_timeout: float = 120.0,
     stage_timeout: float | None = None,
     extra_meta: Mapping[str, Any] | None = None,
     runtime: str | None = None,
+    states: DiskStore | None = None,
+    checkpoint: CheckpointPolicy | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every round of ``prepared`` over the SuperNodes of ``grid``; return the summary."""
+    """Run every round of ``run`` (whose config is the YAML ``experiment``) over the SuperNodes of
+    ``grid``; return the summary. ``states``: the clients' state folder when the server can reach
+    it (simulation), which checkpoints and resuming need."""
     started = time.perf_counter()
-    num_clients = prepared.run.num_clients
-    experiment = config_yaml(prepared.config)
+    num_clients = run.num_clients
     nodes = wait_for_nodes(grid, num_clients, node_timeout)
-    node_for_client = map_clients_to_nodes(grid, nodes, prepared, experiment, node_timeout, extra_meta)
+    node_for_client = map_clients_to_nodes(grid, nodes, run, experiment, node_timeout, extra_meta)
     log.info("%d clients mapped onto SuperNodes in %.1f s", num_clients, time.perf_counter() - started)
-    transport = FlowerTransport(grid, node_for_client, stage_timeout, experiment=experiment, extra_meta=extra_meta)
-    summary = run_rounds(prepared.run, transport, on_round=on_round)
+    transport = FlowerTransport(grid, node_for_client, stage_timeout, experiment=experiment, extra_meta=extra_meta,
+                                states=states)
+    summary = run_rounds(run, transport, on_round=on_round, checkpoint=checkpoint, resume=resume)
     summary["flower"] = {
         "node_for_client": {str(c): n for c, n in node_for_client.items()},
         "connect_s": time.perf_counter() - started - summary["wall_time_s"],
@@ -367,15 +394,15 @@ def run_on_grid(
 
 @dataclass
 class _ClientSide:
-    prepared: Any
-    host: Any
+    run: RunSpec
+    host: ClientHost
 
 
 _CLIENT_SIDES: dict[str, _ClientSide] = {}  # per process: a Ray actor hosts many calls
 
 
-def _client_side(experiment: str, context: "Context", meta: Mapping[str, Any]) -> _ClientSide:
-    """The prepared run and the ClientHost of this node (built once per process and config).
+def _client_side(experiment: str, context: "Context", meta: Mapping[str, Any], build_run: RunBuilder) -> _ClientSide:
+    """The run and the ClientHost of this node (built once per process, config and run).
 
     In a simulation one process (a Ray worker) serves every client, so it prepares the whole
     federation once. In a deployment every message may start a fresh ClientApp process, so the
@@ -393,50 +420,37 @@ def _client_side(experiment: str, context: "Context", meta: Mapping[str, Any]) -
     # Where this node keeps its clients' states between rounds: its own folder (node_config)
     # first, else (in a simulation only: a deployed node never writes where a server says) the
     # folder the simulation runtime names, else the system temp folder; one subfolder per run
-    # so that runs never share personal models.
+    # (named by the server's run key) so that runs never share personal models.
     simulated = bool(meta.get(SIMULATION))
     base = (node_config.get(STATE_DIR) or (meta.get(STATE_DIR) if simulated else None)
             or Path(tempfile.gettempdir()) / "hetpfl-flower")
-    state_dir = Path(str(base)) / f"run-{context.run_id}"
+    state_dir = Path(str(base)) / f"run-{meta.get(RUN_KEY) or context.run_id}"
     partition = None if simulated else _partition_id(context)
     key = hashlib.sha256(f"{experiment}\0{data_dir}\0{state_dir}\0{partition}".encode()).hexdigest()
     side = _CLIENT_SIDES.get(key)
     if side is None:
-        from ..clienthost import ClientHost, DiskStore  # noqa: PLC0415
-
         if partition is None:
-            prepared = _prepare(experiment, data_dir)
+            run = build_run(experiment, data_dir)
         else:
             cache = state_dir / f"prepared-{key[:16]}-partition-{partition}.pkl"
-            prepared = _own_partition(experiment, data_dir, partition, cache)
-        side = _ClientSide(prepared, ClientHost(prepared.run, DiskStore(state_dir)))
+            run = _own_partition(experiment, data_dir, partition, cache, build_run)
+        side = _ClientSide(run, ClientHost(run, DiskStore(state_dir)))
         if len(_CLIENT_SIDES) >= 8:  # a process serves one run; keep memory bounded anyway
             _CLIENT_SIDES.clear()
         _CLIENT_SIDES[key] = side
     return side
 
 
-def _prepare(experiment: str, data_dir: Any) -> Any:
-    from ..experiment import load_config, prepare  # noqa: PLC0415
-
-    tree = yaml.safe_load(experiment) or {}
-    if data_dir:
-        tree.setdefault("data", {})["data_dir"] = str(data_dir)
-    return prepare(load_config(base=tree))
-
-
-def _own_partition(experiment: str, data_dir: Any, partition: int, cache: Path) -> Any:
-    """The prepared run with only ``partition``'s private data (cached on disk for the run)."""
+def _own_partition(experiment: str, data_dir: Any, partition: int, cache: Path, build_run: RunBuilder) -> RunSpec:
+    """The run with only ``partition``'s private data (cached on disk for the run)."""
     if cache.is_file():
         with cache.open("rb") as fh:
             return pickle.load(fh)
-    from ..data.sources import ArrayDataset  # noqa: PLC0415
-
-    prepared = _prepare(experiment, data_dir)
-    data = prepared.run.data
+    run = build_run(experiment, data_dir)
+    data = run.data
 
     def keep(i: int, d: Any) -> Any:
-        return d if i == partition else ArrayDataset(d.x[:0], d.y[:0])
+        return d if i == partition else ArrayDataset(d.x[:0], d.y[:0], None if d.task is None else d.task[:0])
 
     data = dataclasses.replace(
         data,
@@ -444,13 +458,13 @@ def _own_partition(experiment: str, data_dir: Any, partition: int, cache: Path) 
         client_test=[keep(i, d) for i, d in enumerate(data.client_test)],
         global_test=keep(-1, data.global_test),
     )
-    prepared = dataclasses.replace(prepared, run=dataclasses.replace(prepared.run, data=data))
+    run = dataclasses.replace(run, data=data)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     with tmp.open("wb") as fh:
-        pickle.dump(prepared, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(run, fh, protocol=pickle.HIGHEST_PROTOCOL)
     tmp.replace(cache)
-    return prepared
+    return run
 
 
 def _partition_id(context: "Context") -> int | None:
@@ -458,7 +472,7 @@ def _partition_id(context: "Context") -> int | None:
     return None if value is None else int(value)
 
 
-def handle_query(msg: "FlowerMessage", context: "Context") -> "FlowerMessage":
+def handle_query(msg: "FlowerMessage", context: "Context", build_run: RunBuilder) -> "FlowerMessage":
     """Every ``query.<stage>`` message: run the stage for this node's client, reply its message.
 
     Exceptions become error replies (the server reports the client as failed for this stage).
@@ -470,21 +484,21 @@ def handle_query(msg: "FlowerMessage", context: "Context") -> "FlowerMessage":
     try:
         meta = dict(msg.content[META])
         stage = str(meta["stage"])
-        side = _client_side(str(msg.content[EXPERIMENT]["yaml"]), context, meta)
+        side = _client_side(str(msg.content[EXPERIMENT]["yaml"]), context, meta, build_run)
         partition = _partition_id(context)
         if stage == HELLO:
             if partition is None:
                 raise FlowerRuntimeError(
                     "this SuperNode has no partition-id: start it with --node-config 'partition-id=I num-partitions=N'"
                 )
-            num_clients = side.prepared.run.num_clients
+            num_clients = side.run.num_clients
             num_partitions = context.node_config.get(NUM_PARTITIONS)
             if num_partitions is not None and int(num_partitions) != num_clients:
                 raise FlowerRuntimeError(
                     f"node_config num-partitions={num_partitions} but the experiment has "
                     f"data.num_clients={num_clients}"
                 )
-            facts = side.prepared.clients[partition] if 0 <= partition < num_clients else {}
+            facts = client_facts(side.run, partition) if 0 <= partition < num_clients else {}
             info = {PARTITION_ID: partition, "n-train": facts.get("n_train", -1), "n-test": facts.get("n_test", -1),
                     "arch": facts.get("arch", "")}
             return FlowerMessage(RecordDict({META: ConfigRecord(info)}), reply_to=msg)
@@ -501,49 +515,75 @@ def handle_query(msg: "FlowerMessage", context: "Context") -> "FlowerMessage":
         return FlowerMessage(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
+def make_client_app(build_run: RunBuilder) -> Any:
+    """A Flower ClientApp answering ``query.<stage>`` for every registered stage, which rebuilds
+    the run from the experiment's YAML with ``build_run``."""
+    from flwr.clientapp import ClientApp  # noqa: PLC0415
+
+    app = ClientApp()
+    handler = functools.partial(handle_query, build_run=build_run)
+    for stage in stage_names():
+        app.query(stage)(_named(handler, stage))
+    return app
+
+
+def _named(handler: Callable[..., Any], stage: str) -> Callable[..., Any]:
+    """A plain function per stage (Flower registers functions; a partial has no name)."""
+
+    def query(msg: "FlowerMessage", context: "Context") -> "FlowerMessage":
+        return handler(msg, context)
+
+    query.__name__ = query.__qualname__ = f"query_{stage}"
+    return query
+
+
 # ------------------------------------------------------------------------------------------
 # Simulation
 # ------------------------------------------------------------------------------------------
 
 
 def simulate_on_flower(
-    prepared: "Prepared",
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    launch: Launch,
     *,
     client_app: Any = None,
     num_cpus: int | None = None,
     node_timeout: float = 120.0,
     stage_timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Run ``prepared`` on Flower's simulation engine (one SuperNode per client); return the summary.
+    """Run ``launch`` on Flower's simulation engine (one SuperNode per client); return the summary.
 
     Client states live in a DiskStore under a temporary folder that is removed afterwards
-    (not in ``context.state``, which Flower copies to the Ray worker and back on every call).
-    Ray workers run torch on one thread each, so parallel clients do not oversubscribe the CPU.
+    (not in ``context.state``, which Flower copies to the Ray worker and back on every call); the
+    server reaches that folder, so checkpoints and resuming work as in-process. Ray workers run
+    torch on one thread each, so parallel clients do not oversubscribe the CPU.
     """
     quiet_environment()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU clients: no accelerator env
     from flwr.serverapp import ServerApp  # noqa: PLC0415
     from flwr.simulation import run_simulation  # noqa: PLC0415
 
-    from .flower_app import client_app as default_client_app  # noqa: PLC0415
-
+    if launch.build_run is None and client_app is None:
+        raise FlowerRuntimeError("a Flower simulation needs launch.build_run (YAML -> run) for its ClientApp")
     cpus = num_cpus or os.cpu_count() or 1
     result: dict[str, Any] = {}
+    run_key = uuid.uuid4().hex[:16]
     with tempfile.TemporaryDirectory(prefix="hetpfl-flower-sim-") as state_dir:
         server_app = ServerApp()
 
         @server_app.main()
         def _main(grid: "Grid", context: "Context") -> None:
             result["summary"] = run_on_grid(
-                grid, prepared, on_round, node_timeout=node_timeout, stage_timeout=stage_timeout,
-                extra_meta={STATE_DIR: state_dir, TORCH_THREADS: 1, SIMULATION: True},
+                grid, launch.run, launch.experiment_yaml, launch.on_round, node_timeout=node_timeout,
+                stage_timeout=stage_timeout,
+                extra_meta={STATE_DIR: state_dir, TORCH_THREADS: 1, SIMULATION: True, RUN_KEY: run_key},
+                states=DiskStore(Path(state_dir) / f"run-{run_key}"),
+                checkpoint=launch.checkpoint, resume=launch.resume,
             )
 
         run_simulation(
             server_app=server_app,
-            client_app=client_app if client_app is not None else default_client_app,
-            num_supernodes=prepared.run.num_clients,
+            client_app=client_app if client_app is not None else make_client_app(launch.build_run),
+            num_supernodes=launch.run.num_clients,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                 "init_args": {"num_cpus": cpus, "include_dashboard": False},
@@ -556,6 +596,9 @@ def simulate_on_flower(
 
 __all__ = [
     "FlowerRuntimeError",
+    "client_facts",
+    "make_client_app",
+    "stage_names",
     "send_and_receive",
     "FlowerTransport",
     "handle_query",
