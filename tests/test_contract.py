@@ -1,0 +1,140 @@
+"""The contract every registered method keeps, checked for each by being registered.
+
+Each method in ``ALGORITHMS`` runs from its own tiny config, ``tests/configs/alg/<name>.yaml``
+(a method without one fails here), and must be:
+
+* deterministic: one seed, one ``metrics.jsonl``, byte for byte;
+* store-independent: client states in memory or on disk give the same records;
+* resumable: 2 rounds, a crash, a resume from the checkpoint and 2 more rounds write exactly the
+  ``metrics.jsonl`` of 4 uninterrupted rounds;
+* honest about its stages: every stage its server asks is declared with a handler;
+* stateless on the client object: one ``Client`` instance serves every client, so it must keep
+  nothing about any of them on ``self``;
+* runtime-independent: Flower's simulation engine gives the simulator's records (``flower`` mark).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hetpfl.algorithms import ALGORITHMS
+from hetpfl.clienthost import ClientHost
+from hetpfl.engine import run_rounds
+from hetpfl.experiment import load_config, prepare, run_experiment
+from hetpfl.simulator import InProcessTransport
+
+CONFIGS = Path(__file__).parent / "configs" / "alg"
+METHODS = sorted(ALGORITHMS)
+
+
+def method_config(name: str, **overrides):
+    path = CONFIGS / f"{name}.yaml"
+    assert path.is_file(), f"registered method '{name}' has no contract config {path}"
+    return load_config(path, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _metrics(out: Path) -> str:
+    return (out / "metrics.jsonl").read_text()
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_every_registered_method_has_a_contract_config():
+    assert METHODS, "no registered methods"
+    missing = [name for name in METHODS if not (CONFIGS / f"{name}.yaml").is_file()]
+    assert not missing, f"methods without tests/configs/alg/<name>.yaml: {missing}"
+    for name in METHODS:
+        assert method_config(name).algorithm["name"] == name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run per method, shared by the comparisons below."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"reference-{name}")
+            run_experiment(method_config(name), out)
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_same_seed_same_records_and_it_learns(name, reference, tmp_path):
+    summary = run_experiment(method_config(name), tmp_path)
+    assert _metrics(tmp_path) == _metrics(reference(name))
+    rows = [json.loads(line) for line in _metrics(tmp_path).splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert summary["final"]["personalized_acc_mean"] > 0.3  # chance is 0.1 on digits
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_disk_store_gives_the_memory_stores_records(name, reference, tmp_path):
+    run_experiment(method_config(name, **{"runtime.client_state": "disk"}), tmp_path)
+    assert _metrics(tmp_path) == _metrics(reference(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_after_a_crash_gives_the_uninterrupted_records(name, reference, tmp_path):
+    config = method_config(name, **{"runtime.checkpoint_every": 1})
+
+    def crash_in_round_2(row):
+        if row["round"] == 2:  # its record is written, its checkpoint is not: resume redoes round 2
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_experiment(config, tmp_path, on_round=crash_in_round_2)
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("round-*"))
+    assert checkpoints == ["round-0001", "round-0002"]  # keep_checkpoints=2
+    summary = run_experiment(config, tmp_path, resume=True)
+    assert summary["resumed_at_round"] == 2
+    assert _metrics(tmp_path) == _metrics(reference(name))
+    assert [json.loads(line)["round"] for line in (tmp_path / "timings.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
+class SpyTransport(InProcessTransport):
+    """Records every stage asked of clients."""
+
+    def __init__(self, host):
+        super().__init__(host)
+        self.asked: set[str] = set()
+
+    def exchange(self, stage, rnd, messages):
+        self.asked.add(stage)
+        return super().exchange(stage, rnd, messages)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_asked_stages_are_declared_and_clients_keep_nothing_on_self(name):
+    run = prepare(method_config(name, rounds=2)).run
+    host = ClientHost(run)
+    before = dict(vars(host.client))
+    transport = SpyTransport(host)
+    run_rounds(run, transport)
+    spec = ALGORITHMS[name]
+    assert transport.asked - {"evaluate"} <= set(spec.schemas), "a stage was asked that the spec does not declare"
+    assert transport.asked >= {"evaluate"}
+    after = vars(host.client)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before), (
+        f"{type(host.client).__name__} changed its attributes while serving clients: {sorted(after)}"
+    )
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_flower_simulation_gives_the_simulators_records(name, reference, tmp_path):
+    """Same seed, same metrics.jsonl, byte for byte: every random draw comes from
+    (seed, client, round, stage) streams, and each client call seeds torch itself."""
+    summary = run_experiment(method_config(name, **{"runtime.name": "flower-sim"}), tmp_path)
+    assert _metrics(tmp_path) == _metrics(reference(name))
+    assert summary["runtime"] == "flower-sim"
+    assert sorted(summary["flower"]["node_for_client"]) == [str(i) for i in range(5)]
