@@ -94,6 +94,8 @@ def test_resume_after_a_crash_gives_the_uninterrupted_records(name, reference, t
         run_experiment(config, tmp_path, on_round=crash_in_round_2)
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("round-*"))
     assert checkpoints == ["round-0001", "round-0002"]  # keep_checkpoints=2
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"round": 3, "clie')  # a record cut short by a kill -9
     summary = run_experiment(config, tmp_path, resume=True)
     assert summary["resumed_at_round"] == 2
     assert _metrics(tmp_path) == _metrics(reference(name))

@@ -40,10 +40,17 @@ def execute(prepared: Prepared, on_round: Callable[[dict[str, Any]], None] | Non
 
 
 def _keep_rounds_before(path: Path, next_round: int) -> None:
-    """Drop the lines of rounds a resumed run will write again (a crash may have left some)."""
+    """Drop the lines of rounds a resumed run will write again (a crash may have left some, the
+    last one possibly cut short)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["round"] < next_round]
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["round"] < next_round:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     path.write_text("".join(kept))
 
 
