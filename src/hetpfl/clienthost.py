@@ -96,13 +96,30 @@ class DiskStore:
             shutil.copyfile(_record_file(directory, client), _record_file(self.directory, client))
 
 
-STORES = {"memory": MemoryStore, "disk": DiskStore}
+class NullStore:
+    """Clients keep nothing between stages (cross-device: each round may meet a new device); every
+    stage starts from a client's initial modules. Only for methods whose clients need no state."""
+
+    def get(self, client: int) -> Message | None:
+        return None
+
+    def put(self, client: int, record: Message) -> None:
+        pass
+
+    def snapshot(self, directory: Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+    def restore(self, directory: Path) -> None:
+        pass
+
+
+STORES = {"memory": MemoryStore, "disk": DiskStore, "none": NullStore}
 
 
 def make_store(kind: str, directory: str | Path | None = None) -> StateStore:
     if kind not in STORES:
         raise ValueError(f"runtime.client_state={kind!r} is not supported (allowed: {', '.join(STORES)})")
-    return MemoryStore() if kind == "memory" else DiskStore(directory)
+    return DiskStore(directory) if kind == "disk" else STORES[kind]()
 
 
 def _read_only(message: Message) -> Message:

@@ -21,6 +21,7 @@ from .algorithms.base import ClientTraining
 from .clienthost import STORES
 from .configuration import (
     ConfigError,
+    FieldError,
     Validated,
     apply_override,
     build_dataclass,
@@ -31,7 +32,7 @@ from .configuration import (
 )
 from .data import DATASETS, DRIFT_SCHEMES, PARTITIONERS
 from .messages import COMPRESSIONS
-from .models import ARCHITECTURES
+from .models import ARCHITECTURES, ModuleSpec
 from .runtimes import RUNTIMES
 from .simulator import EXECUTORS
 
@@ -87,7 +88,12 @@ class ModelsConfig(Validated):
         require(len(self.clients) >= 1, "clients", self.clients, "list at least one architecture")
         classifiers = sorted(a for a, spec in ARCHITECTURES.items() if spec.kind == "classifier")
         for i, arch in enumerate(self.clients):
-            require(arch in classifiers, f"clients[{i}]", arch, f"unknown architecture (available: {', '.join(classifiers)})")
+            try:
+                name = ModuleSpec.parse(arch).arch
+            except ValueError as exc:
+                raise FieldError(f"clients[{i}]", arch, str(exc)) from None
+            require(name in classifiers, f"clients[{i}]", arch, f"unknown architecture (available: {', '.join(classifiers)}; "
+                    f"'name@w' is the architecture at width multiplier w)")
         if self.proportions is not None:
             require(len(self.proportions) == len(self.clients), "proportions", self.proportions,
                     f"needs one entry per architecture in models.clients ({len(self.clients)})")
@@ -98,7 +104,8 @@ class ModelsConfig(Validated):
 @dataclass
 class RuntimeConfig(Validated):
     name: str = option("simulator", choices=RUNTIMES)
-    client_state: str = option("memory", choices=STORES)  # memory | disk (spill client states to disk)
+    # memory | disk (spill client states to disk) | none (stateless clients: nothing kept between rounds)
+    client_state: str = option("memory", choices=STORES)
     executor: str = option("sequential", choices=EXECUTORS)
     compression: str = option("none", choices=COMPRESSIONS)  # fp16: messages' float32 arrays travel as float16
     # CPU threads for torch. 1 is as fast for these small models, far faster on a busy machine

@@ -55,6 +55,7 @@ class RunSpec:
     eval_every: int = 1
     compression: str = "none"
     leaked_public_labels: np.ndarray | None = None
+    stateless_clients: bool = False  # runtime.client_state=none: no client keeps its model to evaluate
 
     @property
     def num_clients(self) -> int:
@@ -70,7 +71,8 @@ class RunSpec:
         return build_module(spec, self.data.input_shape, self.data.num_classes, self.data.input_kind)
 
     def new_model(self, arch: str, *key: str | int) -> torch.nn.Module:
-        return self.new_module(ModuleSpec.of(arch), *key)
+        """A freshly initialized ``arch`` (``name`` or ``name@width``)."""
+        return self.new_module(ModuleSpec.parse(arch), *key)
 
     def server_setup(self) -> ServerSetup:
         return ServerSetup(
@@ -98,7 +100,8 @@ class ServerModules:
         self.run = run
 
     def __call__(self, arch: str, key: str | int, **options: Any) -> torch.nn.Module:
-        return self.run.new_module(ModuleSpec.of(arch, **options), "server", key)
+        spec = ModuleSpec.parse(arch)
+        return self.run.new_module(ModuleSpec.of(spec.arch, **{**spec.kwargs, **options}), "server", key)
 
 
 def sampling_schedule(seed: int, num_clients: int, rounds: int, participation: float) -> list[list[int]]:
@@ -383,6 +386,7 @@ def _require_states(transport: Transport, what: str) -> None:
 
 RoundCallback = Callable[[dict[str, Any]], None]
 _FINAL_KEYS = ("acc_by_arch", "acc_by_task", "cluster_ari")
+_FINAL_SUFFIXES = ("_mean", "_std", "_worst10", "client_acc", "_test_acc")
 
 
 def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | None = None, *,
@@ -410,7 +414,8 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         record["server"] = {k: float(v) for k, v in (server_measures or {}).items()}
         record.update(cluster_measures(server, run.data))
         t1 = time.perf_counter()
-        if (rnd + 1) % run.eval_every == 0 or rnd == run.rounds - 1:
+        evaluated = is_evaluation_round(run, rnd)
+        if evaluated:
             record.update(evaluate_round(run, server, transport, rnd, ledger))
         eval_s = time.perf_counter() - t1
         record["bytes_up"] = int(ledger.up.sum())
@@ -433,7 +438,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         state.client_s += ledger.client_seconds
         state.server_s += record["timing"]["server_s"]
         state.eval_s += eval_s
-        if "personalized_acc_mean" in record:
+        if evaluated:
             state.last = {k: v for k, v in record.items() if k != "timing"}
         state.next_round = rnd + 1
         if on_round is not None:
@@ -442,7 +447,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
             save_checkpoint(checkpoint, run, server, dataclasses.replace(
                 state, wall_s=state.wall_s + time.perf_counter() - started), transport)
     last = state.last
-    final = {k: v for k, v in last.items() if k.endswith(("_mean", "_std", "_worst10", "client_acc")) or k in _FINAL_KEYS}
+    final = {k: v for k, v in last.items() if k.endswith(_FINAL_SUFFIXES) or k in _FINAL_KEYS}
     return {
         "algorithm": run.algorithm.name,
         "dataset": run.data.name,
@@ -465,14 +470,31 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
     }
 
 
+def is_evaluation_round(run: RunSpec, rnd: int) -> bool:
+    return (rnd + 1) % run.eval_every == 0 or rnd == run.rounds - 1
+
+
 def evaluate_round(run: RunSpec, server: Server, transport: Transport, rnd: int, ledger: Ledger) -> dict[str, Any]:
-    """Every client's own model on its own test split, then the algorithm's extra models.
+    """Every client's own model on its own test split, then the algorithm's extra models on the
+    clients' splits and its test models on the global test set.
 
     Besides accuracy: any extra scalar a method's ``evaluate`` schema declares is reported as
     ``<name>_mean/_std/_worst10`` and ``<name>_client``, and with tasks in the data, the mean
-    over clients of each task's accuracy (``acc_by_task``)."""
-    everyone = {c: Message() for c in range(run.num_clients)}
-    replies = RoundComm(run, transport, rnd, ledger).ask(EVALUATE_STAGE, everyone)
+    over clients of each task's accuracy (``acc_by_task``). With stateless clients there is no
+    own model to evaluate: only the server's models are."""
+    out: dict[str, Any] = {}
+    if not run.stateless_clients:
+        out.update(evaluate_clients(run, server, transport, rnd, ledger))
+    out.update(evaluate_extra_models(server.extra_models(), run.data, rnd))
+    for name, model in server.test_models().items():
+        out[f"{name}_test_acc"] = float(evaluate(model, run.data.global_test.x, run.data.global_test.y)["accuracy"])
+    return out
+
+
+def evaluate_clients(run: RunSpec, server: Server, transport: Transport, rnd: int, ledger: Ledger) -> dict[str, Any]:
+    """The evaluate stage: every client scores its own model on its own test split."""
+    everyone = list(range(run.num_clients))
+    replies = RoundComm(run, transport, rnd, ledger).ask(EVALUATE_STAGE, server.evaluation_messages(everyone))
     accs = np.full(run.num_clients, np.nan)
     for client, reply in replies.items():
         accs[client] = reply.scalars["accuracy"]
@@ -491,7 +513,6 @@ def evaluate_round(run: RunSpec, server: Server, transport: Transport, rnd: int,
         out[f"{name}_client"] = [None if math.isnan(v) else float(v) for v in values]
     if run.data.tasks:
         out["acc_by_task"] = task_accuracy(replies, run.data.tasks)
-    out.update(evaluate_extra_models(server.extra_models(), run.data, rnd))
     return out
 
 

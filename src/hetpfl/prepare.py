@@ -15,10 +15,10 @@ import yaml
 
 from .algorithms import get_algorithm
 from .config import ExperimentConfig, load_config
-from .configuration import ConfigError, require
+from .configuration import ConfigError, FieldError, require
 from .data import build_federated_data, load_dataset
 from .engine import RunSpec, assign_architectures
-from .models import build_model, count_flops, count_parameters
+from .models import ModuleSpec, build_module, count_flops, count_parameters
 
 
 @dataclass
@@ -51,6 +51,12 @@ def prepare(config: ExperimentConfig) -> Prepared:
         raise ConfigError(f"data: {exc}") from None
     if spec.uses_public and len(data.public) == 0:
         raise ConfigError(f"data.public_fraction={d.public_fraction}: algorithm '{spec.name}' needs a public set (> 0)")
+    stateless = config.runtime.client_state == "none"
+    if stateless and spec.stateful_clients:
+        raise ConfigError(
+            f"runtime.client_state='none': algorithm '{spec.name}' keeps per-client state between rounds "
+            f"(personal models or layers), which a run with stateless clients forbids (use memory or disk)"
+        )
     archs = assign_architectures(config.models.clients, config.models.proportions, d.num_clients, config.seed)
     if spec.homogeneous_only and len(set(archs)) > 1:
         raise ConfigError(
@@ -60,7 +66,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
     facts = {}
     for arch in sorted(set(archs)):
         try:
-            model = build_model(arch, data.input_shape, data.num_classes, input_kind=data.input_kind)
+            model = build_module(ModuleSpec.parse(arch), data.input_shape, data.num_classes, data.input_kind)
         except ValueError as exc:
             raise ConfigError(f"models.clients: {exc}") from None
         facts[arch] = {"params": count_parameters(model), "flops": count_flops(model, data.input_shape)}
@@ -77,7 +83,15 @@ def prepare(config: ExperimentConfig) -> Prepared:
         algorithm=spec, algorithm_config=algorithm_config, training=config.client, data=data,
         client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
         eval_every=config.eval_every, compression=config.runtime.compression, leaked_public_labels=leaked,
+        stateless_clients=stateless,
     )
+    if spec.check_run is not None:
+        try:
+            spec.check_run(algorithm_config, run)
+        except FieldError as exc:
+            raise FieldError(exc.key if "." in exc.key else f"algorithm.{exc.key}", exc.value, exc.rule) from None
+        except ValueError as exc:
+            raise ConfigError(f"algorithm '{spec.name}': {exc}") from None
     return Prepared(config=config, run=run, clients=clients)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -172,6 +172,18 @@ class Server:
         ``{"server": {client: cluster_model}}`` or ``{"global": {client: global_model}}``."""
         return {}
 
+    def test_models(self) -> dict[str, nn.Module]:
+        """Models to evaluate on the global test set (reported as ``<name>_test_acc``), e.g. the
+        global model of a method that has one."""
+        return {}
+
+    def evaluation_messages(self, clients: list[int]) -> dict[int, Message]:
+        """What the evaluate stage sends each client (default nothing). A method whose personalized
+        model needs the latest global state (e.g. FedRep: the global body with the client's own
+        head) sends it here and declares it in its ``evaluate`` schema; these bytes count as
+        evaluation traffic, not as the method's."""
+        return {c: Message() for c in clients}
+
     def cluster_assignment(self) -> np.ndarray | None:
         """For clustering methods: each client's cluster id (-1: none yet), else None. The engine
         compares it with the true groups (the server never sees them)."""
@@ -218,8 +230,8 @@ def evaluation_reply(model: nn.Module, test: ArrayDataset, num_tasks: int = 0) -
 
 
 def default_client_modules(arch: str, config: Any) -> dict[str, ModuleSpec]:
-    """One slot, ``model``, of the client's assigned architecture."""
-    return {MAIN_SLOT: ModuleSpec.of(arch)}
+    """One slot, ``model``, of the client's assigned architecture (``name`` or ``name@width``)."""
+    return {MAIN_SLOT: ModuleSpec.parse(arch)}
 
 
 @dataclass(frozen=True)
@@ -239,7 +251,11 @@ class AlgorithmSpec:
     summary: str
     homogeneous_only: bool = False
     uses_public: bool = False
+    stateful_clients: bool = True  # clients keep something between rounds (refuses runtime.client_state=none)
     client_modules: Callable[[str, Any], Mapping[str, ModuleSpec]] = field(default=default_client_modules)
+    # check_run(config, run) raises FieldError/ValueError for a run this method cannot do (e.g. more
+    # clusters than clients, architectures without width support); prepare calls it before training
+    check_run: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self) -> None:
         for stage in list(self.schemas) + [EVALUATE_STAGE]:
@@ -287,19 +303,31 @@ class NoConfig:
     """For methods without hyperparameters of their own."""
 
 
-def train_locally(ctx: ClientContext, epochs: float | None = None) -> dict[str, float]:
-    """The shared client routine: cross-entropy on the client's private data."""
-    from ..learn import fit  # noqa: PLC0415
+def train_locally(ctx: ClientContext, epochs: float | None = None, *, model: nn.Module | None = None,
+                  params: Iterable[torch.Tensor] | None = None,
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  penalty: Callable[[], torch.Tensor] | None = None, stream: str = "fit") -> dict[str, float]:
+    """The shared client routine: supervised training on the client's private data (this round's
+    view) with the shared schedule and optimizer options.
+
+    ``model``: which module (default the ``model`` slot); ``params``: a subset to update (e.g. a
+    head); ``loss_fn(logits, labels)``: the data term (default cross-entropy); ``penalty()``: a term
+    added to every step; ``stream``: the key of the random stream (shuffles, augmentation) — two
+    trainings in one stage use two keys."""
+    from ..learn import cross_entropy, fit  # noqa: PLC0415
 
     return fit(
-        ctx.model,
+        ctx.model if model is None else model,
         ctx.train.x,
         ctx.train.y,
         epochs=ctx.training.local_epochs if epochs is None else epochs,
         batch_size=ctx.training.batch_size,
         optim=ctx.training.optim(),
-        generator=ctx.generator("fit"),
+        generator=ctx.generator(stream),
         augment=ctx.training.augment,
+        params=params,
+        loss_fn=cross_entropy if loss_fn is None else loss_fn,
+        penalty=penalty,
     )
 
 

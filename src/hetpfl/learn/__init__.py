@@ -24,6 +24,8 @@ from .losses import (
     kl_to_targets,
     l1_to_logits,
     noise_consistency,
+    proximal,
+    restricted_cross_entropy,
     sharpen,
     weighted_mean,
 )
@@ -54,6 +56,8 @@ __all__ = [
     "kl_to_targets",
     "l1_to_logits",
     "noise_consistency",
+    "proximal",
+    "restricted_cross_entropy",
     "optimize",
     "predict_logits",
     "predict_proba",

@@ -7,7 +7,7 @@ BatchNorm-statistics matching, entropy and class-diversity terms) belong here to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,6 +18,21 @@ from torch import nn
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` against integer ``labels``."""
     return F.cross_entropy(logits, labels)
+
+
+def restricted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor,
+                             alpha: float) -> torch.Tensor:
+    """FedRS's restricted softmax: cross-entropy after scaling the logits of the classes the client
+    lacks (``present`` is a bool mask over classes) by ``alpha`` in [0, 1]."""
+    scale = torch.where(present, torch.ones_like(logits[0]), torch.full_like(logits[0], alpha))
+    return F.cross_entropy(logits * scale, labels)
+
+
+def proximal(params: Iterable[torch.Tensor], anchors: Iterable[torch.Tensor], mu: float) -> torch.Tensor:
+    """(mu / 2) · Σ ||p − a||² over paired parameters and fixed anchors (FedProx's proximal term,
+    Ditto's pull towards the global model)."""
+    total = sum(((p - a.detach()) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+    return 0.5 * mu * total
 
 
 def kl_to_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

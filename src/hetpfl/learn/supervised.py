@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
 from torch import nn
@@ -15,18 +17,25 @@ from .tensors import as_input_tensor, as_tensor, augment_batch, check_augment
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: float = 1.0, batch_size: int = 32,
         optim: OptimOptions = OptimOptions(), generator: torch.Generator | None = None,
-        augment: str = "none") -> dict[str, float]:
-    """Cross-entropy training on (x, y). Fractional ``epochs`` train that share of one pass."""
+        augment: str = "none", params: Iterable[torch.Tensor] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+        penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """Supervised training on (x, y). Fractional ``epochs`` train that share of one pass.
+
+    ``params``: the parameters to update (default: all of ``model``'s, e.g. a head only);
+    ``loss_fn(logits, labels)``: the data term (default cross-entropy); ``penalty()``: a term added
+    to every step's loss (e.g. a proximal pull towards the global weights)."""
     check_augment(augment)
     xt, yt = as_input_tensor(x), as_tensor(y, np.int64)
     if len(xt) != len(yt):
         raise ValueError(f"fit: {len(xt)} inputs but {len(yt)} labels")
 
     def loss(idx: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(model(augment_batch(xt[idx], augment, generator)), yt[idx])
+        value = loss_fn(model(augment_batch(xt[idx], augment, generator)), yt[idx])
+        return value if penalty is None else value + penalty()
 
     batches = IndexBatches(len(xt), batch_size, epochs=epochs, generator=generator)
-    return optimize(Objective(loss, model, optim, train=(model,)), batches)
+    return optimize(Objective(loss, model if params is None else params, optim, train=(model,)), batches)
 
 
 def distill(

@@ -17,7 +17,10 @@ def state_to_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def arrays_to_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Load a state sent by :func:`state_to_arrays` (names must match the model exactly)."""
+def arrays_to_state(model: nn.Module, arrays: dict[str, np.ndarray], strict: bool = True) -> None:
+    """Load a state sent by :func:`state_to_arrays` (names must match the model exactly; with
+    ``strict=False``, a subset of its tensors, e.g. the shared part of a partly personal model)."""
     state = {k[2:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k[:2] in ("w.", "b.")}
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=strict)
+    if unexpected:
+        raise ValueError(f"arrays for tensors the model does not have: {unexpected[:5]}")

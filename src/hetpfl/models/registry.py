@@ -77,6 +77,18 @@ class ModuleSpec:
     def of(cls, arch: str, **options: Any) -> "ModuleSpec":
         return cls(arch, tuple(sorted(options.items())))
 
+    @classmethod
+    def parse(cls, text: str) -> "ModuleSpec":
+        """``"cnn_small"`` or ``"cnn_small@0.5"`` (the architecture at width multiplier 0.5), the form
+        a client's architecture takes in a config."""
+        name, sep, width = str(text).partition("@")
+        if not sep:
+            return cls.of(name)
+        try:
+            return cls.of(name, width=float(width))
+        except ValueError:
+            raise ValueError(f"architecture {text!r}: the width after '@' must be a number, got {width!r}") from None
+
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.options)

@@ -1,0 +1,57 @@
+"""Shared pieces of the methods that exchange weights (FedAvg and the methods built on it).
+
+* :func:`weighted_average`: the FedAvg rule over named arrays (one place);
+* :func:`shared_arrays` / :func:`load_shared`: the part of a model's state a method shares, as the
+  ``w.``/``b.`` arrays that travel (``learn.state_to_arrays``), filtered by a key predicate;
+* :func:`weight_distance_matrix`, :func:`flat_weights`: distances between models' parameters
+  (parameter-space clustering).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from torch import nn
+
+from ..learn import arrays_to_state, state_to_arrays
+
+KeyFilter = Callable[[str], bool]
+
+
+def weighted_average(states: Sequence[dict[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Average float arrays by ``weights`` (in float64, returned as float32); integer buffers
+    (BatchNorm's batch counters) take the maximum."""
+    total = float(sum(weights))
+    out = {}
+    for key in states[0]:
+        if key.startswith("w."):
+            out[key] = (sum(w * s[key].astype(np.float64) for s, w in zip(states, weights)) / total).astype(np.float32)
+        else:
+            out[key] = np.max(np.stack([s[key] for s in states]), axis=0)
+    return out
+
+
+def shared_arrays(model: nn.Module, shared: KeyFilter | None = None) -> dict[str, np.ndarray]:
+    """``model``'s state as message arrays, only the tensors whose name (without the ``w.``/``b.``
+    prefix) ``shared`` accepts (all by default)."""
+    arrays = state_to_arrays(model)
+    return arrays if shared is None else {k: v for k, v in arrays.items() if shared(k[2:])}
+
+
+def load_shared(model: nn.Module, arrays: dict[str, np.ndarray], shared: KeyFilter | None = None) -> None:
+    """Load received arrays into ``model``: all of its state, or (``shared`` given) the shared part,
+    leaving the rest (the personal part) as it is."""
+    arrays_to_state(model, arrays, strict=shared is None)
+
+
+def flat_weights(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The float arrays of a state, flattened into one float64 vector (name order)."""
+    return np.concatenate([arrays[k].reshape(-1).astype(np.float64) for k in sorted(arrays) if k.startswith("w.")])
+
+
+def weight_distance_matrix(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Euclidean distances between flattened weight vectors."""
+    stack = np.stack(vectors)
+    sq = (stack**2).sum(axis=1)
+    return np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2.0 * stack @ stack.T, 0.0, None))
