@@ -130,13 +130,44 @@ def test_asked_stages_are_declared_and_clients_keep_nothing_on_self(name):
     )
 
 
+@pytest.fixture(scope="module")
+def on_flower():
+    """Every method's contract run on Flower's simulation engine, all in one simulated federation
+    (one Ray start): {method: its records as metrics.jsonl lines}, plus the summaries."""
+    from hetpfl.config import config_yaml
+    from hetpfl.prepare import run_from_yaml
+    from hetpfl.runtimes import Launch
+    from hetpfl.runtimes.flower import simulate_on_flower
+
+    records: dict[str, list[str]] = {name: [] for name in METHODS}
+    launches, names, broken = [], [], {}
+    for name in METHODS:
+        try:
+            prepared = prepare(method_config(name, **{"runtime.name": "flower-sim"}))
+        except Exception as exc:  # noqa: BLE001 (reported by that method's own test)
+            broken[name] = exc
+            continue
+
+        def keep(row, rows=records[name]):
+            rows.append(json.dumps({k: v for k, v in row.items() if k != "timing"}) + "\n")
+
+        names.append(name)
+        launches.append(Launch(run=prepared.run, experiment_yaml=config_yaml(prepared.config), build_run=run_from_yaml,
+                               on_round=keep))
+    summaries = simulate_on_flower(launches)
+    return records, dict(zip(names, summaries)), broken
+
+
 @pytest.mark.flower
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
-def test_flower_simulation_gives_the_simulators_records(name, reference, tmp_path):
+def test_flower_simulation_gives_the_simulators_records(name, reference, on_flower):
     """Same seed, same metrics.jsonl, byte for byte: every random draw comes from
-    (seed, client, round, stage) streams, and each client call seeds torch itself."""
-    summary = run_experiment(method_config(name, **{"runtime.name": "flower-sim"}), tmp_path)
-    assert _metrics(tmp_path) == _metrics(reference(name))
-    assert summary["runtime"] == "flower-sim"
-    assert sorted(summary["flower"]["node_for_client"]) == [str(i) for i in range(5)]
+    (seed, client, round, stage) streams, and each client call seeds torch itself. (One
+    simulated federation serves every method's run; tests/test_flower.py also runs a whole
+    experiment, results folder and resume included, on its own Flower simulation.)"""
+    records, summaries, broken = on_flower
+    if name in broken:
+        raise broken[name]
+    assert "".join(records[name]) == _metrics(reference(name))
+    assert sorted(summaries[name]["flower"]["node_for_client"]) == [str(i) for i in range(5)]

@@ -43,7 +43,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -493,7 +493,8 @@ def handle_query(msg: "FlowerMessage", context: "Context", build_run: RunBuilder
                 )
             num_clients = side.run.num_clients
             num_partitions = context.node_config.get(NUM_PARTITIONS)
-            if num_partitions is not None and int(num_partitions) != num_clients:
+            # (a simulation may run several experiments on one federation: spare nodes are fine)
+            if num_partitions is not None and int(num_partitions) != num_clients and not meta.get(SIMULATION):
                 raise FlowerRuntimeError(
                     f"node_config num-partitions={num_partitions} but the experiment has "
                     f"data.num_clients={num_clients}"
@@ -543,15 +544,17 @@ def _named(handler: Callable[..., Any], stage: str) -> Callable[..., Any]:
 
 
 def simulate_on_flower(
-    launch: Launch,
+    launch: Launch | Sequence[Launch],
     *,
     client_app: Any = None,
     num_cpus: int | None = None,
     node_timeout: float = 120.0,
     stage_timeout: float | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | list[dict[str, Any]]:
     """Run ``launch`` on Flower's simulation engine (one SuperNode per client); return the summary.
 
+    Several launches run one after the other on the same simulated federation (one Ray start for
+    all; SuperNodes as many as the largest run has clients), returning their summaries in order.
     Client states live in a DiskStore under a temporary folder that is removed afterwards
     (not in ``context.state``, which Flower copies to the Ray worker and back on every call); the
     server reaches that folder, so checkpoints and resuming work as in-process. Ray workers run
@@ -562,36 +565,40 @@ def simulate_on_flower(
     from flwr.serverapp import ServerApp  # noqa: PLC0415
     from flwr.simulation import run_simulation  # noqa: PLC0415
 
-    if launch.build_run is None and client_app is None:
+    launches = [launch] if isinstance(launch, Launch) else list(launch)
+    if not launches:
+        return []
+    if client_app is None and any(item.build_run is None for item in launches):
         raise FlowerRuntimeError("a Flower simulation needs launch.build_run (YAML -> run) for its ClientApp")
     cpus = num_cpus or os.cpu_count() or 1
-    result: dict[str, Any] = {}
-    run_key = uuid.uuid4().hex[:16]
+    summaries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hetpfl-flower-sim-") as state_dir:
         server_app = ServerApp()
 
         @server_app.main()
         def _main(grid: "Grid", context: "Context") -> None:
-            result["summary"] = run_on_grid(
-                grid, launch.run, launch.experiment_yaml, launch.on_round, node_timeout=node_timeout,
-                stage_timeout=stage_timeout,
-                extra_meta={STATE_DIR: state_dir, TORCH_THREADS: 1, SIMULATION: True, RUN_KEY: run_key},
-                states=DiskStore(Path(state_dir) / f"run-{run_key}"),
-                checkpoint=launch.checkpoint, resume=launch.resume,
-            )
+            for item in launches:
+                run_key = uuid.uuid4().hex[:16]
+                summaries.append(run_on_grid(
+                    grid, item.run, item.experiment_yaml, item.on_round, node_timeout=node_timeout,
+                    stage_timeout=stage_timeout,
+                    extra_meta={STATE_DIR: state_dir, TORCH_THREADS: 1, SIMULATION: True, RUN_KEY: run_key},
+                    states=DiskStore(Path(state_dir) / f"run-{run_key}"),
+                    checkpoint=item.checkpoint, resume=item.resume,
+                ))
 
         run_simulation(
             server_app=server_app,
-            client_app=client_app if client_app is not None else make_client_app(launch.build_run),
-            num_supernodes=launch.run.num_clients,
+            client_app=client_app if client_app is not None else make_client_app(launches[0].build_run),
+            num_supernodes=max(item.run.num_clients for item in launches),
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                 "init_args": {"num_cpus": cpus, "include_dashboard": False},
             },
         )
-    if "summary" not in result:
+    if len(summaries) != len(launches):
         raise FlowerRuntimeError("the Flower simulation ended without a result (see Flower's log above)")
-    return result["summary"]
+    return summaries[0] if isinstance(launch, Launch) else summaries
 
 
 __all__ = [
