@@ -17,9 +17,29 @@ from .registry import (
     count_flops,
     count_parameters,
     model_summary,
+    supports_width,
+    width_architectures,
+)
+from .width import (
+    WIDTH_MODES,
+    SubIndex,
+    channel_indices,
+    extract_submodel,
+    insert_submodel,
+    model_arrays,
+    submodel_index,
+    submodel_shapes,
 )
 
 __all__ = [
+    "WIDTH_MODES",
+    "SubIndex",
+    "channel_indices",
+    "extract_submodel",
+    "insert_submodel",
+    "model_arrays",
+    "submodel_index",
+    "submodel_shapes",
     "ARCHITECTURES",
     "BUILT_FROM",
     "INPUT_KINDS",
@@ -32,4 +52,6 @@ __all__ = [
     "count_flops",
     "count_parameters",
     "model_summary",
+    "supports_width",
+    "width_architectures",
 ]

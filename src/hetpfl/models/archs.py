@@ -6,6 +6,11 @@ Each class takes ``(input_shape, num_classes, arch=...)``; build them through
 input: they downsample only where :class:`~hetpfl.models.base.SpatialPlan` allows (at most 2
 halvings on 8x8 digits, 3 on 28x28 / 32x32), end with adaptive average pooling, and read a vector
 ``(D,)`` as a 1-channel sequence through the 1-D versions of the same layers.
+
+The conv families (PlainCNN, ResNetSmall, MobileNetSmall) take ``width`` in (0, 1]: every hidden
+channel or feature count ``c`` becomes ``ceil(width * c)`` (HeteroFL's rule); input channels and
+the number of classes never scale, and width 1 builds exactly the unscaled model (same layers,
+same order of initialization, hence the same weights for one torch seed).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from .base import (
     SpatialPlan,
     adaptive_avg_pool,
     batch_norm,
+    check_width,
     conv,
     input_adapter,
     max_pool,
     parse_input_shape,
+    scaled,
 )
 
 __all__ = [
@@ -75,13 +82,17 @@ class PlainCNN(HetModel):
     flatten, then one FC + ReLU layer of width ``fc`` (the features).
 
     With ``strided_stem`` the first conv has stride 2 on inputs large enough to still take every
-    pool afterwards (side >= 16); it keeps wide nets cheap at native resolution.
+    pool afterwards (side >= 16); it keeps wide nets cheap at native resolution. ``width`` scales
+    every conv's channels and the FC width; the FC reads the flattened pooled maps, which it
+    declares in ``flat_inputs``.
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int,
                  channels: tuple[int, ...] = (16, 32), pool_after: tuple[bool, ...] = (True, True),
                  fc: int = 128, grid: int = 4, strided_stem: bool = False,
-                 arch: str = "cnn_small") -> None:
+                 arch: str = "cnn_small", width: float = 1.0) -> None:
+        width = check_width(arch, width)
+        channels, fc = tuple(scaled(c, width) for c in channels), scaled(fc, width)
         geom = _conv_geometry(arch, input_shape)
         nd, plan = geom.ndim, SpatialPlan(geom.spatial)
         layers: list[nn.Module] = input_adapter(geom)
@@ -97,23 +108,30 @@ class PlainCNN(HetModel):
                 plan.pool()
             cin = cout
         out = plan.grid(grid)
-        layers += [adaptive_avg_pool(nd, out), nn.Flatten(1),
-                   nn.Linear(cin * math.prod(out), fc), nn.ReLU(inplace=True)]
+        layers += [adaptive_avg_pool(nd, out), nn.Flatten(1)]
+        flat = f"body.{len(layers)}"
+        layers += [nn.Linear(cin * math.prod(out), fc), nn.ReLU(inplace=True)]
         super().__init__(input_shape, num_classes, nn.Sequential(*layers), fc)
         self.arch = arch
+        self.flat_inputs = {flat: math.prod(out)}
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: conv-BN-ReLU-conv-BN plus an identity or 1x1-conv-BN shortcut, ReLU."""
+    """ResNet basic block: conv-BN-ReLU-conv-BN plus an identity or 1x1-conv-BN shortcut, ReLU.
 
-    def __init__(self, nd: int, cin: int, cout: int, stride: int) -> None:
+    ``projection`` forces the shortcut's kind (default: a 1x1 conv where the stride or the channel
+    count changes); a width-scaled net passes what its full-width version has."""
+
+    def __init__(self, nd: int, cin: int, cout: int, stride: int, projection: bool | None = None) -> None:
         super().__init__()
         self.conv1 = conv(nd, cin, cout, stride=stride, bias=False)
         self.bn1 = batch_norm(nd, cout)
         self.conv2 = conv(nd, cout, cout, bias=False)
         self.bn2 = batch_norm(nd, cout)
         self.relu = nn.ReLU(inplace=True)
-        if stride != 1 or cin != cout:
+        if projection is None:
+            projection = stride != 1 or cin != cout
+        if projection:
             self.shortcut: nn.Module = nn.Sequential(
                 conv(nd, cin, cout, kernel=1, stride=stride, bias=False), batch_norm(nd, cout))
         else:
@@ -130,11 +148,15 @@ class ResNetSmall(HetModel):
     64 ch; stages 2 and 3 stride 2 where the size allows), global average pool; features = 64.
 
     As in ResNet, the stem has stride 2, but only on inputs that still leave room for both stage
-    downsamplings (side >= 16); 8x8 digits keep full resolution in the stem.
+    downsamplings (side >= 16); 8x8 digits keep full resolution in the stem. ``width`` scales every
+    stage (the shortcuts stay those of the full-width net).
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int,
-                 widths: tuple[int, ...] = (16, 32, 64), arch: str = "resnet_small") -> None:
+                 widths: tuple[int, ...] = (16, 32, 64), arch: str = "resnet_small",
+                 width: float = 1.0) -> None:
+        width = check_width(arch, width)
+        full, widths = tuple(widths), tuple(scaled(c, width) for c in widths)
         geom = _conv_geometry(arch, input_shape)
         nd, plan = geom.ndim, SpatialPlan(geom.spatial)
         stem = widths[0]
@@ -151,7 +173,8 @@ class ResNetSmall(HetModel):
             if i > 0 and plan.can_halve():
                 stride = 2
                 plan.strided_conv()
-            layers.append(BasicBlock(nd, cin, cout, stride))
+            projection = stride != 1 or full[max(i - 1, 0)] != full[i]
+            layers.append(BasicBlock(nd, cin, cout, stride, projection))
             cin = cout
         layers += [adaptive_avg_pool(nd, (1,) * nd), nn.Flatten(1)]
         super().__init__(input_shape, num_classes, nn.Sequential(*layers), cin)
@@ -179,12 +202,14 @@ class MobileNetSmall(HetModel):
     pool; features = 128.
 
     As in MobileNet, the stem has stride 2, but only on inputs that still leave room for both
-    block downsamplings (side >= 16).
+    block downsamplings (side >= 16). ``width`` scales the stem and every block.
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int,
                  stem: int = 16, blocks: tuple[tuple[int, int], ...] = ((32, 1), (64, 2), (128, 2)),
-                 arch: str = "mobilenet_small") -> None:
+                 arch: str = "mobilenet_small", width: float = 1.0) -> None:
+        width = check_width(arch, width)
+        stem, blocks = scaled(stem, width), tuple((scaled(c, width), s) for c, s in blocks)
         geom = _conv_geometry(arch, input_shape)
         nd, plan = geom.ndim, SpatialPlan(geom.spatial)
         stem_stride = 1
@@ -228,7 +253,9 @@ class VGGSmall(HetModel):
                 layers.append(max_pool(nd))
                 plan.pool()
         out = plan.grid(grid)
-        layers += [adaptive_avg_pool(nd, out), nn.Flatten(1), nn.Linear(cin * math.prod(out), fc),
-                   nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        layers += [adaptive_avg_pool(nd, out), nn.Flatten(1)]
+        flat = f"body.{len(layers)}"
+        layers += [nn.Linear(cin * math.prod(out), fc), nn.ReLU(inplace=True), nn.Dropout(dropout)]
         super().__init__(input_shape, num_classes, nn.Sequential(*layers), fc)
         self.arch = arch
+        self.flat_inputs = {flat: math.prod(out)}

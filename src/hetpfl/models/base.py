@@ -19,6 +19,7 @@ architecture has ONE definition that serves both kinds of input.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -37,6 +38,8 @@ __all__ = [
     "input_adapter",
     "max_pool",
     "parse_input_shape",
+    "scaled",
+    "check_width",
 ]
 
 
@@ -49,10 +52,14 @@ class HetModel(nn.Module):
         feature_dim: width of the representation returned by :meth:`features`.
         body: module mapping a batch ``(B, *input_shape)`` to ``(B, feature_dim)``.
         head: ``nn.Linear(feature_dim, num_classes)``.
+        flat_inputs: ``{name of an nn.Linear: area}`` for each linear layer that reads flattened
+            conv maps (channel-major, ``in_features == channels * area``), so that taking a
+            width sub-model (:mod:`hetpfl.models.width`) selects whole channel blocks of it.
     """
 
     feature_dim: int
     head: nn.Linear
+    flat_inputs: dict[str, int]
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, body: nn.Module,
                  feature_dim: int) -> None:
@@ -62,6 +69,7 @@ class HetModel(nn.Module):
         self.feature_dim = int(feature_dim)
         self.body = body
         self.head = nn.Linear(self.feature_dim, self.num_classes)
+        self.flat_inputs = {}
 
     def _check_input(self, x: Tensor) -> None:
         n = len(self.input_shape)
@@ -198,6 +206,21 @@ class AddChannel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.unsqueeze(1)
+
+
+def check_width(arch: str, width: object) -> float:
+    """``width`` as a float if it is a number in (0, 1], else ``ValueError`` naming ``arch``."""
+    ok = isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width)
+    if not ok or not 0 < width <= 1:
+        raise ValueError(f"architecture {arch!r}: width={width!r} must be a number in (0, 1] "
+                         f"(the multiplier of every hidden channel and feature count)")
+    return float(width)
+
+
+def scaled(count: int, width: float) -> int:
+    """A hidden channel/feature count at width multiplier ``width``: ``ceil(width * count)``
+    (HeteroFL's rule, computed in float exactly as written)."""
+    return int(math.ceil(width * count))
 
 
 def input_adapter(geom: InputGeometry) -> list[nn.Module]:

@@ -43,6 +43,8 @@ __all__ = [
     "count_flops",
     "count_parameters",
     "model_summary",
+    "supports_width",
+    "width_architectures",
 ]
 
 
@@ -185,6 +187,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, in
     builder = _BUILDERS[name]
     accepted = _builder_options(builder)
     unknown = sorted(set(options) - accepted)
+    if "width" in unknown:
+        raise ValueError(f"architecture {name!r} has no width support (it takes no option 'width'; "
+                         f"architectures with a width multiplier: {', '.join(width_architectures())})")
     if unknown:
         raise ValueError(f"architecture {name!r} takes no option {unknown[0]!r} "
                          f"(options: {', '.join(sorted(accepted)) or 'none'})")
@@ -197,6 +202,16 @@ def build_module(spec: ModuleSpec, input_shape: tuple[int, ...], num_classes: in
                  input_kind: str | None = None) -> HetModel:
     """:func:`build_model` from a :class:`ModuleSpec`."""
     return build_model(spec.arch, input_shape, num_classes, input_kind=input_kind, **spec.kwargs)
+
+
+def supports_width(name: str) -> bool:
+    """Whether architecture ``name`` takes a width multiplier (``name@w``, option ``width``)."""
+    return "width" in _builder_options(_BUILDERS[_spec(name).name])
+
+
+def width_architectures() -> list[str]:
+    """Architectures with a width multiplier, in registry order."""
+    return [name for name in ARCHITECTURES if supports_width(name)]
 
 
 def _builder_options(builder: Callable[..., HetModel]) -> set[str]:
