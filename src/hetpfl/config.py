@@ -30,7 +30,7 @@ from .configuration import (
     require,
     to_plain,
 )
-from .data import DATASETS, DRIFT_SCHEMES, PARTITIONERS
+from .data import DATASETS, DRIFT_SCHEMES, FEATURE_SHIFTS, PARTITIONERS, check_feature_shift
 from .messages import COMPRESSIONS
 from .models import ARCHITECTURES, ModuleSpec
 from .runtimes import RUNTIMES
@@ -62,6 +62,15 @@ class DataConfig(Validated):
     data_dir: str | None = None  # else $HETPFL_DATA_DIR, else the user cache
     options: dict[str, Any] = field(default_factory=dict)  # dataset options (e.g. gaussian dim)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    # rotate: client i's train/test images turned by 90°·(i % G); invert: group 1 colour-inverted (data/shift.py)
+    feature_shift: str = option("none", choices=FEATURE_SHIFTS)
+    feature_shift_groups: int | None = option(None, ge=1)  # G; None: every transform (rotate 4, invert 2)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # the data layer's rule on what the config knows (FieldError: data.feature_shift...); the inputs'
+        # kind and shape are checked with the data, in prepare
+        check_feature_shift(self.feature_shift, self.feature_shift_groups, partition=self.partition)
 
     def partition_params(self) -> dict[str, Any]:
         return {

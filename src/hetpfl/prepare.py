@@ -46,6 +46,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
             source, num_clients=d.num_clients, scheme=d.partition, seed=config.seed,
             public_fraction=0.0 if d.public_size is not None else d.public_fraction, public_size=d.public_size,
             max_train_samples=d.max_train_samples, partition_params=d.partition_params(), drift=d.drift_params(),
+            feature_shift=d.feature_shift, feature_shift_groups=d.feature_shift_groups,
         )
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from None

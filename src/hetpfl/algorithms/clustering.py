@@ -1,4 +1,6 @@
-"""Clustering clients by their predictions on the public inputs (one place for every rule).
+"""Clustering rules of every clustered method, one implementation each.
+
+By public predictions (COSMOS, COMET):
 
 * :func:`pairwise_distances`: client-by-client distances between ``(N_U, C)`` probability matrices,
   the Frobenius norm of their difference (COSMOS's default) or the symmetric cross-entropy.
@@ -15,29 +17,65 @@
   started from previous centroids (COMET's clustering).
 * :func:`match_clusters`: carries cluster identities across re-clusterings by member overlap.
 
+By weights, updates or data subspaces (IFCA, CFL, FeSEM, PACFL):
+
+* :func:`agglomerative`: bottom-up hierarchical clustering of a distance matrix (single,
+  complete, average = UPGMA, weighted = WPGMA linkage), cut at a number of clusters or a
+  distance threshold; CFL's bipartition is ``agglomerative(1 - cosine, "complete", num_clusters=2)``.
+* :func:`cosine_similarity`: the cosine matrix of vectors (CFL's weight updates).
+* :func:`nearest_center`: each point's nearest center in L2 (FeSEM's E-step).
+* :func:`orthonormal_basis`, :func:`principal_angles`, :func:`subspace_distance`,
+  :func:`subspace_distance_matrix`: distances between data subspaces (PACFL).
+* :func:`cluster_averages`: the FedAvg rule within each cluster.
+* :class:`ClusteredServer`: one model per cluster, each client's cluster id, and what the
+  engine reads of them (``cluster`` models on each client's split, each cluster model on the
+  global test set, the assignment).
+
 Everything here is deterministic given its inputs (and the generator for k-means).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from torch import nn
+
+from ..configuration import FieldError
+from ..learn import arrays_to_state
+from ..messages import Message
+from .base import Server, ServerSetup
+from .weights import shared_arrays, weighted_average
 
 DISTANCES = ("frobenius", "symmetric_ce")
+LINKAGES = ("single", "complete", "average", "weighted")
+SUBSPACE_MEASURES = ("min_vector_angle", "smallest_angle", "mean_angle")
 
 __all__ = [
     "DISTANCES",
+    "LINKAGES",
+    "SUBSPACE_MEASURES",
     "ClusterChoice",
+    "ClusteredServer",
+    "agglomerative",
     "auto_threshold",
+    "check_num_clusters",
+    "cluster_averages",
+    "cosine_similarity",
     "distance",
     "greedy_elimination",
     "kmeans",
     "match_clusters",
+    "nearest_center",
     "oracle_threshold",
+    "orthonormal_basis",
     "pairwise_distances",
+    "principal_angles",
     "silhouette",
+    "subspace_distance",
+    "subspace_distance_matrix",
 ]
 
 _LOG_FLOOR = 1e-12  # probabilities are clipped here before a logarithm
@@ -300,3 +338,215 @@ def match_clusters(previous: np.ndarray, current: np.ndarray) -> dict[int, int]:
             mapping[c] = p
             used.add(p)
     return mapping
+
+
+# ----------------------------------------------------------------------------------------------
+# Hierarchical clustering, cosine similarity, nearest centers
+# ----------------------------------------------------------------------------------------------
+
+
+def agglomerative(dist: np.ndarray, linkage: str = "complete", *, num_clusters: int | None = None,
+                  threshold: float | None = None) -> np.ndarray:
+    """Bottom-up hierarchical clustering of a symmetric distance matrix: cluster ids ``0, 1, ...``
+    numbered in the order of each cluster's lowest member.
+
+    From singletons, the two clusters at the smallest linkage distance merge (ties: the pair of
+    lowest row indices) until ``num_clusters`` remain, or until the smallest distance exceeds
+    ``threshold`` (merges at distance <= threshold happen); give one or both. Linkage between a
+    merged cluster ``a ∪ b`` and ``c`` (Lance-Williams): ``single`` min(d_ac, d_bc), ``complete``
+    max, ``average`` (UPGMA) the mean over all member pairs, ``weighted`` (WPGMA) (d_ac + d_bc) / 2.
+    """
+    dist = np.asarray(dist, dtype=np.float64)
+    n = len(dist)
+    if dist.shape != (n, n) or n == 0:
+        raise ValueError(f"agglomerative needs a non-empty square distance matrix, got shape {dist.shape}")
+    if not np.all(np.isfinite(dist)):
+        raise ValueError("agglomerative: the distance matrix has non-finite entries")
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage {linkage!r} is not supported (allowed: {', '.join(LINKAGES)})")
+    if num_clusters is None and threshold is None:
+        raise ValueError("agglomerative needs num_clusters or threshold (or both)")
+    if num_clusters is not None and num_clusters < 1:
+        raise ValueError(f"num_clusters={num_clusters}: must be >= 1")
+    d = 0.5 * (dist + dist.T)
+    np.fill_diagonal(d, np.inf)
+    members = [[i] for i in range(n)]
+    active = list(range(n))
+    while len(active) > max(1, num_clusters or 1):
+        sub = d[np.ix_(active, active)]
+        ia, ib = divmod(int(np.argmin(sub)), len(active))  # first minimum: ia < ib, lowest rows
+        if threshold is not None and sub[ia, ib] > threshold:
+            break
+        a, b = active[ia], active[ib]
+        da, db = d[a].copy(), d[b].copy()
+        na, nb = len(members[a]), len(members[b])
+        merged = {"single": np.minimum(da, db), "complete": np.maximum(da, db),
+                  "average": (na * da + nb * db) / (na + nb), "weighted": 0.5 * (da + db)}[linkage]
+        d[a, :] = merged
+        d[:, a] = merged
+        d[a, a] = np.inf
+        members[a] += members[b]
+        active.remove(b)
+    labels = np.empty(n, dtype=np.int64)
+    for k, idx in enumerate(sorted((sorted(members[a]) for a in active), key=lambda m: m[0])):
+        labels[idx] = k
+    return labels
+
+
+def cosine_similarity(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """``(n, n)`` cosines between vectors (0 against a zero vector; the diagonal of a nonzero one is 1)."""
+    x = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in vectors])
+    norms = np.linalg.norm(x, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    sim = (x @ x.T) / safe[:, None] / safe[None, :]
+    return np.clip(0.5 * (sim + sim.T), -1.0, 1.0)
+
+
+def nearest_center(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of each point's nearest center in Euclidean distance (ties: the lowest index)."""
+    x = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
+    c = np.asarray(centers, dtype=np.float64).reshape(len(centers), -1)
+    return _sq_dists(x, c).argmin(axis=1).astype(np.int64)
+
+
+def check_num_clusters(num_clusters: int | None, available: int, what: str = "clients") -> None:
+    """``algorithm.num_clusters`` may not exceed the ``available`` clients (a ``FieldError``)."""
+    if num_clusters is not None and num_clusters > available:
+        raise FieldError("num_clusters", num_clusters, f"at most the number of {what} ({available})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data subspaces (PACFL)
+# ----------------------------------------------------------------------------------------------
+
+
+def orthonormal_basis(matrix: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
+    """An orthonormal basis (columns) of the span of ``matrix``'s columns (directions whose singular
+    value is below ``rtol`` times the largest are dropped)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.size == 0:
+        return np.zeros((m.shape[0], 0))
+    u, s, _ = np.linalg.svd(m, full_matrices=False)
+    return u[:, s > rtol * s[0]] if s[0] > 0 else u[:, :0]
+
+
+def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles (radians, ascending) between the spans of two orthonormal bases:
+    ``arccos`` of the singular values of ``a.T @ b`` (Björck & Golub 1973)."""
+    s = np.linalg.svd(np.asarray(a, np.float64).T @ np.asarray(b, np.float64), compute_uv=False)
+    return np.arccos(np.clip(s, 0.0, 1.0))
+
+
+def subspace_distance(a: np.ndarray, b: np.ndarray, measure: str = "min_vector_angle") -> float:
+    """Degrees between the signatures ``a`` and ``b`` (columns: basis vectors).
+
+    ``min_vector_angle``: the smallest angle between a column of ``a`` and a column of ``b``, sign
+    ignored (PACFL's official code takes the smallest entry of arccos(aᵀb), which also depends on
+    the arbitrary signs SVD gives singular vectors); ``smallest_angle``: the smallest principal
+    angle Θ_1 between the two spans; ``mean_angle``: the mean principal angle."""
+    return float(subspace_distance_matrix([a, b], measure)[0, 1])
+
+
+def _prepared(basis: np.ndarray, measure: str) -> np.ndarray:
+    b = np.asarray(basis, dtype=np.float64)
+    if measure == "min_vector_angle":
+        norms = np.linalg.norm(b, axis=0)
+        return b[:, norms > 0] / norms[norms > 0]
+    return orthonormal_basis(b)
+
+
+def _angle_degrees(qa: np.ndarray, qb: np.ndarray, measure: str) -> float:
+    if qa.shape[1] == 0 or qb.shape[1] == 0:
+        return 90.0
+    if measure == "min_vector_angle":
+        return float(np.degrees(np.arccos(np.clip(np.abs(qa.T @ qb).max(), 0.0, 1.0))))
+    angles = principal_angles(qa, qb)
+    return float(np.degrees(angles[0] if measure == "smallest_angle" else angles.mean()))
+
+
+def subspace_distance_matrix(bases: Sequence[np.ndarray], measure: str = "min_vector_angle") -> np.ndarray:
+    """``(n, n)`` :func:`subspace_distance` between every pair of signatures (zero diagonal)."""
+    if measure not in SUBSPACE_MEASURES:
+        raise ValueError(f"subspace measure {measure!r} is not supported (allowed: {', '.join(SUBSPACE_MEASURES)})")
+    qs = [_prepared(b, measure) for b in bases]
+    n = len(qs)
+    dist = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            dist[i, j] = dist[j, i] = _angle_degrees(qs[i], qs[j], measure)
+    return dist
+
+
+# ----------------------------------------------------------------------------------------------
+# One model per cluster (the weight-averaging clustered methods)
+# ----------------------------------------------------------------------------------------------
+
+
+def cluster_averages(states: Mapping[int, dict[str, np.ndarray]], sizes: Mapping[int, float],
+                     labels: Mapping[int, int]) -> dict[int, dict[str, np.ndarray]]:
+    """Per cluster, the FedAvg rule over its members' states (``labels[client]``: its cluster),
+    members in client-id order, so one cluster of everyone is FedAvg's arithmetic exactly."""
+    out = {}
+    for k in sorted(set(int(v) for v in labels.values())):
+        members = [c for c in sorted(labels) if int(labels[c]) == k]
+        out[k] = weighted_average([states[c] for c in members], [float(sizes[c]) for c in members])
+    return out
+
+
+class ClusteredServer(Server):
+    """Base of IFCA, CFL, FeSEM and PACFL: one model per cluster (``models[k]``, every client of
+    one architecture) and each client's cluster id (``assignment``, -1: none yet).
+
+    Cluster ``0``'s model is built with FedAvg's key (``"global"``), cluster ``k >= 1``'s with
+    ``"cluster-k"``, so each starts from its own seeded initialization and one cluster starts
+    exactly where FedAvg does. Reported: ``cluster`` (each client's cluster model on its test
+    split: ``cluster_acc_*``), ``cluster<k>_test_acc`` (each cluster model on the global test set)
+    and the assignment (the engine's ``cluster_ari`` against the true groups)."""
+
+    def __init__(self, config: Any, setup: ServerSetup) -> None:
+        super().__init__(config, setup)
+        self.assignment = np.full(setup.num_clients, -1, dtype=np.int64)
+        self.models: dict[int, nn.Module] = {}
+
+    @staticmethod
+    def model_key(k: int) -> str:
+        return "global" if k == 0 else f"cluster-{k}"
+
+    def new_model(self, key: str) -> nn.Module:
+        # one architecture for every client: the specs declare homogeneous_only, checked in prepare
+        return self.setup.build_model(self.setup.client_archs[0], key)
+
+    def set_model(self, k: int, arrays: dict[str, np.ndarray]) -> None:
+        """Cluster ``k``'s model takes ``arrays`` (built first if ``k`` is new)."""
+        if k not in self.models:
+            self.models[k] = self.new_model(self.model_key(k))
+        arrays_to_state(self.models[k], arrays)
+
+    def weights(self, k: int) -> dict[str, np.ndarray]:
+        return shared_arrays(self.models[k])
+
+    def cluster_messages(self, clients: Sequence[int]) -> dict[int, Message]:
+        """Each client's cluster model (clients without a cluster are left out)."""
+        cache = {k: self.weights(k) for k in sorted({int(self.assignment[c]) for c in clients}) if k in self.models}
+        return {c: Message(dict(cache[int(self.assignment[c])])) for c in clients if int(self.assignment[c]) in cache}
+
+    def aggregate(self, replies: Mapping[int, Message], labels: Mapping[int, int] | None = None) -> None:
+        """Each cluster's model ← the sample-weighted mean of its members' uploads (``labels``:
+        the cluster of each reply, default the assignment); a cluster without uploads keeps its model."""
+        labels = {c: int(self.assignment[c]) for c in replies} if labels is None else labels
+        states = {c: dict(r.arrays) for c, r in replies.items()}
+        sizes = {c: float(r.scalars["num_examples"]) for c, r in replies.items()}
+        for k, arrays in cluster_averages(states, sizes, {c: labels[c] for c in replies}).items():
+            self.set_model(k, arrays)
+
+    def num_clusters_in_use(self) -> int:
+        return int(np.unique(self.assignment[self.assignment >= 0]).size)
+
+    def extra_models(self) -> dict[str, dict[int, nn.Module]]:
+        return {"cluster": {c: self.models[int(k)] for c, k in enumerate(self.assignment) if int(k) in self.models}}
+
+    def test_models(self) -> dict[str, nn.Module]:
+        return {f"cluster{k}": self.models[k] for k in sorted(self.models)}
+
+    def cluster_assignment(self) -> np.ndarray:
+        return self.assignment.copy()

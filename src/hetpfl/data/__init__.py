@@ -6,6 +6,8 @@
 * :mod:`hetpfl.data.partition`: :func:`partition_labels` with the schemes in :data:`PARTITIONERS`.
 * :mod:`hetpfl.data.schedule`: drift schedules (:data:`DRIFT_SCHEMES`): task ids and per-round
   client views.
+* :mod:`hetpfl.data.shift`: feature-shift client groups (:data:`FEATURE_SHIFTS`: rotated or
+  inverted images per group).
 * :mod:`hetpfl.data.federated`: :func:`build_federated_data` -> :class:`FederatedData`.
 
 NumPy only: no torch here.
@@ -14,6 +16,7 @@ NumPy only: no torch here.
 from hetpfl.data.federated import FederatedData, PublicSet, build_federated_data
 from hetpfl.data.partition import PARTITIONERS, Partition, partition_labels
 from hetpfl.data.schedule import DRIFT_SCHEMES, ClassIncremental, DriftSchedule, make_drift_schedule
+from hetpfl.data.shift import FEATURE_SHIFTS, FeatureShift, check_feature_shift
 from hetpfl.data.sources import (
     CIFAR10_CLASSES,
     DATASETS,
@@ -37,6 +40,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
     "DRIFT_SCHEMES",
+    "FEATURE_SHIFTS",
     "INPUT_KINDS",
     "PARTITIONERS",
     "ArrayDataset",
@@ -46,10 +50,12 @@ __all__ = [
     "DatasetSpec",
     "DatasetUnavailableError",
     "DriftSchedule",
+    "FeatureShift",
     "FederatedData",
     "Partition",
     "PublicSet",
     "build_federated_data",
+    "check_feature_shift",
     "dataset_info",
     "dataset_spec",
     "load_dataset",

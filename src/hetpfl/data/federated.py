@@ -21,6 +21,11 @@ view in a round. Without a drift schedule they are the static splits themselves;
 (``drift={"scheme": "class_incremental", ...}``, see :mod:`hetpfl.data.schedule`) every sample
 also carries a task id and each round sees the part of the split its schedule names. The
 partition, the public set and the client test split do not depend on the drift option.
+
+Feature shift (``feature_shift="rotate"`` or ``"invert"``, :mod:`hetpfl.data.shift`): client ``i``
+joins group ``i % G`` (``client_groups``) and its private train and test images go through its
+group's transform (rotation by 90·g degrees, or colour inversion). The partition is the one of the
+same seed without the shift; the public set and ``global_test`` stay untransformed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from hetpfl.data._common import apportion, check_int
 from hetpfl.data.partition import partition_labels
 from hetpfl.data.public import PublicSet
 from hetpfl.data.schedule import DriftSchedule, make_drift_schedule
+from hetpfl.data.shift import FeatureShift, make_feature_shift
 from hetpfl.data.sources import ArrayDataset, DatasetSource
 from hetpfl.data.sources.base import INPUT_KINDS, infer_input_kind
 from hetpfl.rng import numpy_rng
@@ -53,6 +59,8 @@ class FederatedData:
     split it came from was replaced). ``input_kind``: one of
     :data:`~hetpfl.data.sources.base.INPUT_KINDS` (inferred from the inputs when left empty).
     ``tasks``: task names (a sample's ``task`` id indexes them; empty without tasks).
+    ``shift``: the feature shift applied to the clients' splits (None: none); with one,
+    ``client_groups[i]`` is client ``i``'s shift group.
     """
 
     name: str
@@ -71,6 +79,7 @@ class FederatedData:
     input_kind: str = ""
     tasks: tuple[str, ...] = ()
     drift: DriftSchedule | None = None
+    shift: FeatureShift | None = None
     _views: dict[tuple[str, int, Any], tuple[ArrayDataset, ArrayDataset]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -154,6 +163,8 @@ class FederatedData:
             ng = int(self.client_groups.max()) + 1 if self.client_groups.size else 0
             per = np.bincount(self.client_groups, minlength=ng)
             text += f"; {ng} true client groups of sizes {per.tolist()}"
+        if self.shift is not None:
+            text += f"; {self.shift.describe()}"
         if self.drift is not None:
             text += f"; {self.drift.describe()}"
         return text + "."
@@ -199,6 +210,8 @@ def build_federated_data(
     max_train_samples: int | None = None,
     partition_params: dict | None = None,
     drift: Mapping[str, Any] | DriftSchedule | None = None,
+    feature_shift: str = "none",
+    feature_shift_groups: int | None = None,
 ) -> FederatedData:
     """Split ``source`` into ``num_clients`` clients with partition ``scheme``.
 
@@ -209,6 +222,10 @@ def build_federated_data(
     ``drift``: a drift schedule, ``{"scheme": name, **options}`` (:mod:`hetpfl.data.schedule`;
     ``None`` or ``{"scheme": "none"}``: static data); it adds task ids and per-round views and
     leaves the partition, the public set and the test split exactly as without it.
+    ``feature_shift``: ``none``, ``rotate`` or ``invert`` (:mod:`hetpfl.data.shift`) over
+    ``feature_shift_groups`` groups (None: every transform of the shift, 4 or 2); client ``i``'s
+    train and test images take group ``i % G``'s transform, the partition is unchanged, and the
+    public set and ``global_test`` stay untransformed; ``client_groups`` holds the groups.
     Everything is deterministic given ``seed``.
     """
     if not isinstance(source, DatasetSource):
@@ -235,6 +252,8 @@ def build_federated_data(
     params = dict(partition_params or {})
     num_classes = int(source.num_classes)
     schedule = make_drift_schedule(drift, num_classes=num_classes, num_clients=k, seed=seed)
+    shift = make_feature_shift(feature_shift, feature_shift_groups, partition=scheme, input_kind=source.input_kind,
+                               input_shape=tuple(source.input_shape), train_x=source.train.x)
 
     y_all = source.train.y
     if y_all.size and (y_all.min() < 0 or y_all.max() >= num_classes):
@@ -325,15 +344,24 @@ def build_federated_data(
         train = _with_tasks(train, schedule.task_ids(train.y))
         test = _with_tasks(test, schedule.task_ids(test.y))
 
+    # 6. feature shift: each client's own images take its group's transform (nothing else changes)
+    client_train = [train.subset(ix) for ix in train_indices]
+    client_test = [test.subset(ix) for ix in test_indices]
+    groups = None if part.groups is None else np.array(part.groups)
+    if shift is not None:
+        groups = shift.groups(k)
+        client_train = [_shifted(d, shift, int(g)) for d, g in zip(client_train, groups)]
+        client_test = [_shifted(d, shift, int(g)) for d, g in zip(client_test, groups)]
+
     return FederatedData(
         name=source.name,
         input_shape=tuple(source.input_shape),
         num_classes=num_classes,
-        client_train=[train.subset(ix) for ix in train_indices],
-        client_test=[test.subset(ix) for ix in test_indices],
+        client_train=client_train,
+        client_test=client_test,
         public=PublicSet(source.train.x[public_indices], y_all[public_indices]),
         global_test=test,
-        client_groups=None if part.groups is None else np.array(part.groups),
+        client_groups=groups,
         train_indices=train_indices,
         public_indices=public_indices,
         test_indices=test_indices,
@@ -342,7 +370,13 @@ def build_federated_data(
         input_kind=source.input_kind,
         tasks=tasks,
         drift=schedule,
+        shift=shift,
     )
+
+
+def _shifted(data: ArrayDataset, shift: FeatureShift, group: int) -> ArrayDataset:
+    """``data`` with its inputs as group ``group`` sees them (labels and task ids unchanged)."""
+    return data if group == 0 else ArrayDataset(shift.apply(data.x, group), data.y, data.task)
 
 
 def _with_tasks(data: ArrayDataset, task: np.ndarray | None) -> ArrayDataset:
