@@ -19,7 +19,7 @@ from hetpfl.experiment import ExperimentConfig, load_config, prepare
         ("colour=red", ["colour", "unknown key"]),
         ("models.clients=[mlp,transformer_xl]", ["models.clients[1]", "transformer_xl", "cnn_small"]),
         ("data.dataset=imagenet", ["data.dataset", "imagenet", "digits"]),
-        ("algorithm.name=fedprox", ["fedprox", "not registered", "fedmd"]),
+        ("algorithm.name=fedquux", ["fedquux", "not registered", "fedmd"]),
         ("algorithm.temperature=0", ["temperature", "> 0"]),
         ("client.optimizer=rmsprop", ["client.optimizer", "rmsprop", "adam"]),
         ("participation=0", ["participation", "(0, 1]"]),

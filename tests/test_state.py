@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import small_config
 from hetpfl.experiment import prepare
 from hetpfl.messages import Message
 from hetpfl.models import build_model, build_module
@@ -92,17 +91,16 @@ def test_client_state_holds_only_arrays_and_scalars():
 
 
 def test_every_server_saves_and_restores_through_the_default(tmp_path):
-    """After a round, each shipped method's server state survives save + load into a fresh server."""
-    from hetpfl.algorithms import ALGORITHMS
+    """After a round, each registered method's server state survives save + load into a fresh
+    server (each method's contract config, tests/configs/alg/)."""
+    from test_contract import METHODS, method_config
+
     from hetpfl.clienthost import ClientHost
-    from hetpfl.engine import RoundComm, Ledger
+    from hetpfl.engine import Ledger, RoundComm
     from hetpfl.simulator import InProcessTransport
 
-    for name in sorted(ALGORITHMS):
-        extra = {"models.clients": "[mlp]"} if ALGORITHMS[name].homogeneous_only else {}
-        if name == "cosmos":
-            extra.update({"algorithm.server_arch": "mlp", "algorithm.server_epochs": 1})
-        run = prepare(small_config(name, rounds=1, **extra)).run
+    for name in METHODS:
+        run = prepare(method_config(name, rounds=1)).run
         server = run.make_server()
         transport = InProcessTransport(ClientHost(run))
         server.round(0, list(range(run.num_clients)), RoundComm(run, transport, 0, Ledger(run.num_clients)))

@@ -298,6 +298,11 @@ def weight_fields() -> dict[str, ArrayField]:
     return {"w.": WEIGHTS, "b.": BUFFERS_INT}
 
 
+# The evaluate stage of a method that sends (part of) the global weights to evaluate with (FedRep,
+# FedBABU: ``Server.evaluation_messages``): weights down, the usual scores up.
+EVALUATE_WITH_WEIGHTS = StageSchema(down=Schema(prefix_arrays=weight_fields()), up=EVALUATE_SCHEMA.up)
+
+
 @dataclass
 class NoConfig:
     """For methods without hyperparameters of their own."""
@@ -340,6 +345,7 @@ __all__ = [
     "Comm",
     "EVALUATE_SCHEMA",
     "EVALUATE_STAGE",
+    "EVALUATE_WITH_WEIGHTS",
     "MAIN_SLOT",
     "ModuleFactory",
     "NoConfig",

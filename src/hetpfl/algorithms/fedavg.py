@@ -11,13 +11,14 @@ own model is its locally updated copy (the personalized measure); the averaged m
 as ``global`` on every client's test split and as ``global_test`` on the global test set.
 
 The server and client here are the base of the methods that change one step of this loop:
-``shared`` (which tensors travel; FedBN keeps BatchNorm local), ``local_update`` (FedProx's
-proximal term, FedRS's restricted softmax) and ``aggregate``.
+``shared`` (which of a model's tensors travel; FedBN keeps BatchNorm local), ``local_update``
+(FedProx's proximal term, FedRS's restricted softmax) and ``aggregate``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -32,8 +33,14 @@ class FedAvgConfig:
     """FedAvg has no hyperparameters beyond the shared client routine."""
 
 
+def share_everything(model: nn.Module) -> KeyFilter | None:
+    """FedAvg shares every tensor of the model (None: no filter)."""
+    return None
+
+
 class FedAvgServer(Server):
-    shared: KeyFilter | None = None  # which tensors travel (by state-dict name); None: all
+    # which of a model's tensors travel (a filter on state-dict names; None: all); must match the client's
+    shared: Callable[[nn.Module], KeyFilter | None] = staticmethod(share_everything)
 
     def __init__(self, config: FedAvgConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
@@ -41,7 +48,7 @@ class FedAvgServer(Server):
         self.global_model = setup.build_model(setup.client_archs[0], "global")
 
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
-        weights = shared_arrays(self.global_model, self.shared)
+        weights = shared_arrays(self.global_model, self.shared(self.global_model))
         replies = comm.ask("train", {c: Message(dict(weights)) for c in clients})
         if replies:
             self.aggregate(replies)
@@ -51,7 +58,7 @@ class FedAvgServer(Server):
         """w ← Σ n_k w_k / Σ n_k over the shared tensors."""
         states = [dict(r.arrays) for r in replies.values()]
         sizes = [float(r.scalars["num_examples"]) for r in replies.values()]
-        arrays_to_state(self.global_model, weighted_average(states, sizes), strict=self.shared is None)
+        arrays_to_state(self.global_model, weighted_average(states, sizes), strict=self.shared(self.global_model) is None)
 
     def extra_models(self) -> dict[str, dict[int, nn.Module]]:
         return {"global": {c: self.global_model for c in range(self.setup.num_clients)}}
@@ -61,12 +68,13 @@ class FedAvgServer(Server):
 
 
 class FedAvgClient(Client):
-    shared: KeyFilter | None = None  # must match the server's
+    shared: Callable[[nn.Module], KeyFilter | None] = staticmethod(share_everything)  # as the server's
 
     def train(self, message: Message, ctx: ClientContext) -> Message:
-        load_shared(ctx.model, message.arrays, self.shared)
+        shared = self.shared(ctx.model)
+        load_shared(ctx.model, message.arrays, shared)
         self.local_update(message, ctx)
-        return Message(shared_arrays(ctx.model, self.shared), {"num_examples": len(ctx.train)})
+        return Message(shared_arrays(ctx.model, shared), {"num_examples": len(ctx.train)})
 
     def local_update(self, message: Message, ctx: ClientContext) -> None:
         """The local step from the received weights (the shared client routine)."""
