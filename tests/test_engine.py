@@ -87,3 +87,20 @@ def test_invalid_reply_is_a_failure_remotely_and_a_bug_in_process(remote):
     assert sorted(replies) == [0, 2]
     assert "invalid reply" in ledger.failures[1] and "NaN" in ledger.failures[1]
     assert ledger.up[1] > 0  # the bytes did travel
+
+
+def test_bytes_and_seconds_by_stage_and_server_phase(tmp_path):
+    """The summary splits traffic by stage (which messages carried what) and time by stage and by
+    server phase; timings stay out of metrics.jsonl."""
+    from conftest import small_config
+    from hetpfl.experiment import run_experiment
+
+    config = small_config("cosmos", rounds=2, **{"algorithm.server_arch": "mlp", "algorithm.server_epochs": 1})
+    summary = run_experiment(config, tmp_path)
+    by_stage = summary["bytes_by_stage"]
+    assert set(by_stage) == {"round", "evaluate"}
+    assert by_stage["round"]["up"] == summary["bytes_up_total"] and by_stage["round"]["down"] == summary["bytes_down_total"]
+    assert by_stage["evaluate"]["up"] + by_stage["evaluate"]["down"] == summary["bytes_eval_total"]
+    assert set(summary["time_by_phase_s"]) == {"clustering", "server_models"}
+    assert all(v > 0 for v in summary["time_by_stage_s"].values())
+    assert "phase_s" not in (tmp_path / "metrics.jsonl").read_text()

@@ -168,6 +168,8 @@ class Ledger:
         self.client_seconds = 0.0
         self.transport_seconds = 0.0
         self.failures: dict[int, str] = {}
+        self.stage_bytes: dict[str, list[int]] = {}  # stage -> [up, down], all clients
+        self.stage_seconds: dict[str, float] = {}  # stage -> seconds of its exchanges
 
     def reset(self) -> None:
         self.__init__(self.num_clients)
@@ -192,6 +194,7 @@ class RoundComm:
             self._count(stage, client, outgoing[client], down=True)
         started = time.perf_counter()
         result = self.transport.exchange(stage, self.rnd, outgoing)
+        self.ledger.stage_seconds[stage] = self.ledger.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
         if stage != EVALUATE_STAGE:  # evaluation is timed on its own
             self.ledger.transport_seconds += time.perf_counter() - started
             self.ledger.client_seconds += result.client_seconds
@@ -214,6 +217,7 @@ class RoundComm:
         return replies
 
     def _count(self, stage: str, client: int, message: Message, down: bool) -> None:
+        self.ledger.stage_bytes.setdefault(stage, [0, 0])[1 if down else 0] += message.num_bytes
         if stage == EVALUATE_STAGE:
             self.ledger.eval_bytes += message.num_bytes
         elif down:
@@ -293,6 +297,9 @@ class RunState:
     eval_s: float = 0.0
     wall_s: float = 0.0  # wall time of earlier sessions of this run (a resumed run adds its own)
     last: dict[str, Any] = field(default_factory=dict)
+    stage_bytes: dict[str, list[int]] = field(default_factory=dict)  # stage -> [up, down], whole run
+    stage_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds, whole run
+    phase_s: dict[str, float] = field(default_factory=dict)  # server phase -> seconds, whole run
 
     @classmethod
     def fresh(cls, num_clients: int) -> "RunState":
@@ -435,9 +442,18 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
             "round_s": time.perf_counter() - t0,
             "wall_s": state.wall_s + time.perf_counter() - started,
         }
+        phases = server.setup.clock.take()
+        record["timing"]["stage_s"] = dict(ledger.stage_seconds)
+        record["timing"]["phase_s"] = phases
         state.client_s += ledger.client_seconds
         state.server_s += record["timing"]["server_s"]
         state.eval_s += eval_s
+        _accumulate(state.stage_s, ledger.stage_seconds)
+        _accumulate(state.phase_s, phases)
+        for stage, (up, down) in ledger.stage_bytes.items():
+            total = state.stage_bytes.setdefault(stage, [0, 0])
+            total[0] += up
+            total[1] += down
         if evaluated:
             state.last = {k: v for k, v in record.items() if k != "timing"}
         state.next_round = rnd + 1
@@ -466,8 +482,16 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         "time_client_s": state.client_s,
         "time_server_s": state.server_s,
         "time_eval_s": state.eval_s,
+        "bytes_by_stage": {stage: {"up": up, "down": down} for stage, (up, down) in sorted(state.stage_bytes.items())},
+        "time_by_stage_s": dict(sorted(state.stage_s.items())),
+        "time_by_phase_s": dict(sorted(state.phase_s.items())),
         **({"resumed_at_round": first_round} if resume is not None else {}),
     }
+
+
+def _accumulate(total: dict[str, float], part: Mapping[str, float]) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0.0) + value
 
 
 def is_evaluation_round(run: RunSpec, rnd: int) -> bool:

@@ -14,8 +14,10 @@ the runtime builds, seeds, stores and restores both.
 from __future__ import annotations
 
 import dataclasses
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -103,6 +105,29 @@ class ClientContext:
         return np.bincount(self.train.y, minlength=self.num_classes).astype(np.int64)
 
 
+class PhaseClock:
+    """Wall-clock seconds of a server's named phases (``with setup.clock.phase("distill"):``).
+
+    The engine takes them every round into ``timings.jsonl`` (``phase_s``) and the summary
+    (``time_by_phase_s``); they never enter ``metrics.jsonl``, which stays identical for one seed."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def take(self) -> dict[str, float]:
+        """The seconds since the last call, by phase (and reset)."""
+        out, self._seconds = self._seconds, {}
+        return out
+
+
 class ModuleFactory(Protocol):
     """Builds a freshly initialized registry module whose weights depend only on (seed, key)."""
 
@@ -122,6 +147,7 @@ class ServerSetup:
     training: ClientTraining
     seed: int
     build_model: ModuleFactory
+    clock: PhaseClock = field(default_factory=PhaseClock)  # time the server's phases (not saved)
 
     def rng(self, *keys: str | int) -> np.random.Generator:
         return numpy_rng(self.seed, "server", *keys)
@@ -348,6 +374,7 @@ __all__ = [
     "EVALUATE_WITH_WEIGHTS",
     "MAIN_SLOT",
     "ModuleFactory",
+    "PhaseClock",
     "NoConfig",
     "PROBS",
     "Server",

@@ -130,12 +130,14 @@ class CosmosServer(Server):
         if not probs:
             return {}
         measures: dict[str, float] = {}
-        if rnd == 0 or self.config.recluster_every_round or not self.models:
-            self.clustering_measures = self.cluster(probs)
-        else:
-            self.assign_newcomers(probs)
+        with self.setup.clock.phase("clustering"):
+            if rnd == 0 or self.config.recluster_every_round or not self.models:
+                self.clustering_measures = self.cluster(probs)
+            else:
+                self.assign_newcomers(probs)
         measures.update(self.clustering_measures)
-        measures.update(self.train_server_models(rnd, probs))
+        with self.setup.clock.phase("server_models"):
+            measures.update(self.train_server_models(rnd, probs))
         measures["num_clusters"] = float(len(np.unique(self.assignment[self.assignment >= 0])))
         return measures
 
