@@ -11,19 +11,39 @@ with them, so no DataLoader overhead on small models. All shuffling and noise dr
 - :mod:`.batches`: batch sources (index batches over a dataset, sampled synthetic batches);
 - :mod:`.loop`: ``optimize`` over ``Objective`` s, the one loop;
 - :mod:`.supervised`: ``fit`` and ``distill``; :mod:`.inference`: ``predict_*`` and ``evaluate``;
+- :mod:`.generative`: ``train_gan``, ``train_generator_against``, ``distill_on_generated``,
+  ``adversarial_distillation`` and the ``LogitEnsemble`` teacher;
 - :mod:`.tensors`: array → tensor conversion and augmentation; :mod:`.weights`: weights as arrays.
 """
 
 from .batches import IndexBatches, SampledBatches, index_pass, steps_for_epochs
+from .generative import (
+    GENERATED_DISTILL_LOSSES,
+    LogitEnsemble,
+    adversarial_distillation,
+    distill_on_generated,
+    train_gan,
+    train_generator_against,
+)
 from .inference import evaluate, predict_logits, predict_proba
 from .loop import Objective, optimize
 from .losses import (
+    DISAGREEMENTS,
     DISTILL_LOSSES,
     PER_SAMPLE_DISTILL,
+    bn_statistics_matching,
+    class_diversity,
     cross_entropy,
+    disagreement,
+    distillation_kl,
+    gan_discriminator_loss,
+    gan_generator_loss,
     kl_to_targets,
     l1_to_logits,
+    mosaic_distillation,
     noise_consistency,
+    noise_diversity,
+    prediction_entropy,
     proximal,
     restricted_cross_entropy,
     sharpen,
@@ -36,34 +56,50 @@ from .weights import arrays_to_state, state_to_arrays
 
 __all__ = [
     "AUGMENTATIONS",
+    "DISAGREEMENTS",
     "DISTILL_LOSSES",
+    "GENERATED_DISTILL_LOSSES",
     "IndexBatches",
+    "LogitEnsemble",
     "OPTIMIZERS",
     "Objective",
     "OptimOptions",
     "PER_SAMPLE_DISTILL",
     "SampledBatches",
+    "adversarial_distillation",
     "arrays_to_state",
     "as_input_tensor",
     "as_tensor",
     "augment_batch",
+    "bn_statistics_matching",
+    "class_diversity",
     "cross_entropy",
+    "disagreement",
     "distill",
+    "distill_on_generated",
+    "distillation_kl",
     "evaluate",
     "fit",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
     "index_pass",
     "input_dtype",
     "kl_to_targets",
     "l1_to_logits",
+    "mosaic_distillation",
     "noise_consistency",
+    "noise_diversity",
     "proximal",
     "restricted_cross_entropy",
     "optimize",
     "predict_logits",
     "predict_proba",
+    "prediction_entropy",
     "select_parameters",
     "sharpen",
     "state_to_arrays",
     "steps_for_epochs",
+    "train_gan",
+    "train_generator_against",
     "weighted_mean",
 ]

@@ -25,13 +25,14 @@ class OptimOptions(Validated):
     weight_decay: float = option(0.0, ge=0)
     momentum: float = option(0.9, ge=0, lt=1)
     max_grad_norm: float | None = option(None, gt=0)
+    beta1: float = option(0.9, ge=0, lt=1)  # Adam's first-moment decay (DCGAN training uses 0.5)
 
     def build(self, params: Iterable[torch.Tensor] | nn.Module) -> torch.optim.Optimizer:
         """A fresh optimizer over ``params`` (any iterable of parameters, or a module's parameters)."""
         if isinstance(params, nn.Module):
             params = params.parameters()
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.Adam(params, lr=self.lr, betas=(self.beta1, 0.999), weight_decay=self.weight_decay)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         raise ValueError(f"optimizer={self.optimizer!r} is not supported (allowed: {', '.join(OPTIMIZERS)})")

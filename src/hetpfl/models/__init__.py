@@ -1,13 +1,17 @@
 """Model architectures for heterogeneous clients (plain PyTorch; no FL or data logic here).
 
 Every model is a :class:`HetModel`: ``features(x) -> (B, feature_dim)`` and a linear ``head``, with
-``forward(x) == head(features(x))``. Build models by name with :func:`build_model`.
+``forward(x) == head(features(x))``. Build models by name with :func:`build_model`. The same registry
+builds the generators and discriminators of :mod:`.generative` (``AUXILIARY_ARCHITECTURES``).
 """
 
 from .base import INPUT_KINDS
+from .generative import Discriminator, Generator
 from .registry import (
+    ARCHITECTURE_KINDS,
     ARCHITECTURES,
     BUILT_FROM,
+    AUXILIARY_ARCHITECTURES,
     ArchSpec,
     HetModel,
     ModuleSpec,
@@ -41,7 +45,11 @@ __all__ = [
     "submodel_index",
     "submodel_shapes",
     "ARCHITECTURES",
+    "ARCHITECTURE_KINDS",
     "BUILT_FROM",
+    "Discriminator",
+    "AUXILIARY_ARCHITECTURES",
+    "Generator",
     "INPUT_KINDS",
     "ArchSpec",
     "HetModel",

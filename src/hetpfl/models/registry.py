@@ -10,17 +10,24 @@ Every built module records how it was built (:data:`BUILT_FROM`, a :class:`Modul
 state can be rebuilt from the registry without the caller restating the architecture.
 
 FLOP convention (:func:`count_flops`): forward FLOPs for ONE sample, counted as ``2 * MACs`` of
-every convolution (``nn.Conv1d``/``nn.Conv2d``, grouped/depthwise included) and every
-``nn.Linear`` layer, measured with forward hooks on a batch of 1 in eval mode. Biases,
-normalization, activations, pooling, residual additions and other cheap elementwise ops are not
-counted. For ``mlp`` with input size ``D`` and ``C`` classes that is exactly
+every convolution (``nn.Conv1d``/``nn.Conv2d``, grouped/depthwise included), transposed convolution
+and ``nn.Linear`` layer, measured with forward hooks on a batch of 1 in eval mode. Biases,
+normalization, activations, pooling, embeddings, residual additions and other cheap elementwise ops
+are not counted. For ``mlp`` with input size ``D`` and ``C`` classes that is exactly
 ``2 * (D*256 + 256*128 + 128*C)``.
+
+Kinds (:attr:`ArchSpec.kind`): :data:`ARCHITECTURES` holds the classifiers (what ``models.clients``
+picks from); :data:`AUXILIARY_ARCHITECTURES` the generators and discriminators of
+:mod:`.generative` (``kind="generator"``/``"discriminator"``). One :func:`build_model` builds every
+kind from the dataset's ``input_shape`` and ``num_classes``: a generator produces inputs of that
+shape, a discriminator reads them. Generators and discriminators use DCGAN's initialization.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +37,14 @@ from torch import nn
 
 from .archs import MLP, MobileNetSmall, PlainCNN, ResNetSmall, VGGSmall
 from .base import HetModel, parse_input_shape
+from .generative import DCGANDiscriminator, DCGANGenerator, Generator, MLPDiscriminator, MLPGenerator
+from .teachers import MetaModel
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCHITECTURE_KINDS",
     "BUILT_FROM",
+    "AUXILIARY_ARCHITECTURES",
     "ArchSpec",
     "ModuleSpec",
     "HetModel",
@@ -54,8 +65,9 @@ class ArchSpec:
 
     ``supports`` lists the input kinds it accepts: ``"image"`` (``(C, H, W)``), ``"vector"``
     (``(D,)``) and/or ``"tokens"`` (``(L,)`` int64 ids). ``kind`` says what the module is for:
-    ``"classifier"`` (a client's or server's model: ``features`` + ``head``); later kinds
-    (generators, adapters) are built through the same registry.
+    ``"classifier"`` (a client's or server's model: ``features`` + ``head``), ``"generator"``
+    (``forward(z, y=None)`` -> inputs) or ``"discriminator"`` (``forward(x)`` -> ``(B,)`` logits);
+    every kind is built through the same registry.
     """
 
     name: str
@@ -129,7 +141,37 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     )
 }
 
-_BUILDERS: dict[str, Callable[[tuple[int, ...], int], HetModel]] = {
+#: The kinds of module the registry builds (:attr:`ArchSpec.kind`).
+ARCHITECTURE_KINDS = ("classifier", "generator", "discriminator", "teacher")
+
+AUXILIARY_ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchSpec("dcgan_generator", "gan",
+                 "DCGAN generator: linear projection, stride-2 transposed convs (BN + ReLU) doubling to the "
+                 "image size, 3x3 conv, tanh scaled to (low, high); conditional: label embedding concatenated to z",
+                 ("image",), kind="generator"),
+        ArchSpec("mlp_generator", "gan",
+                 "MLP generator: 2 hidden layers of 4*ngf (BN + ReLU), linear to the input size, tanh scaled to "
+                 "(low, high) or linear; conditional: label embedding concatenated to z",
+                 _BOTH, kind="generator"),
+        ArchSpec("dcgan_discriminator", "gan",
+                 "DCGAN discriminator: up to 4 4x4 stride-2 convs (BN + LeakyReLU 0.2) down to a side "
+                 "of 2-3, linear to one real/fake logit", ("image",), kind="discriminator"),
+        ArchSpec("mlp_discriminator", "gan",
+                 "MLP discriminator: 4*ndf, 2*ndf LeakyReLU 0.2 layers, one real/fake logit", _BOTH,
+                 kind="discriminator"),
+        ArchSpec("moe_meta", "moe",
+                 "Mosaic's meta model: per-expert linear expansion of each expert's logits to a token, "
+                 "Transformer (1 encoder + 1 decoder layer), sum over tokens, linear to class logits",
+                 ("image", "vector", "tokens"), kind="teacher"),
+    )
+}
+assert not AUXILIARY_ARCHITECTURES.keys() & ARCHITECTURES.keys()
+_ALL = {**ARCHITECTURES, **AUXILIARY_ARCHITECTURES}
+assert all(spec.kind in ARCHITECTURE_KINDS for spec in _ALL.values())
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": functools.partial(MLP, hidden=(256, 128), arch="mlp"),
     "mlp_wide": functools.partial(MLP, hidden=(512,), arch="mlp_wide"),
     "cnn_small": functools.partial(PlainCNN, channels=(16, 32), pool_after=(True, True), fc=128,
@@ -141,26 +183,35 @@ _BUILDERS: dict[str, Callable[[tuple[int, ...], int], HetModel]] = {
     "resnet_small": functools.partial(ResNetSmall, arch="resnet_small"),
     "mobilenet_small": functools.partial(MobileNetSmall, arch="mobilenet_small"),
     "vgg_small": functools.partial(VGGSmall, arch="vgg_small"),
+    "dcgan_generator": functools.partial(DCGANGenerator, arch="dcgan_generator"),
+    "mlp_generator": functools.partial(MLPGenerator, arch="mlp_generator"),
+    "dcgan_discriminator": functools.partial(DCGANDiscriminator, arch="dcgan_discriminator"),
+    "mlp_discriminator": functools.partial(MLPDiscriminator, arch="mlp_discriminator"),
+    "moe_meta": functools.partial(MetaModel, arch="moe_meta"),
 }
-assert _BUILDERS.keys() == ARCHITECTURES.keys()
+assert _BUILDERS.keys() == _ALL.keys()
 
 
-def available_architectures() -> list[str]:
-    """Registered architecture names, in registry order."""
-    return list(ARCHITECTURES)
+def available_architectures(kind: str | None = "classifier") -> list[str]:
+    """Registered architecture names of ``kind`` (default the classifiers; None: every kind), in
+    registry order."""
+    if kind is not None and kind not in ARCHITECTURE_KINDS:
+        raise ValueError(f"unknown architecture kind {kind!r} (kinds: {', '.join(ARCHITECTURE_KINDS)})")
+    return [name for name, spec in _ALL.items() if kind is None or spec.kind == kind]
 
 
 def _spec(name: str) -> ArchSpec:
-    if name not in ARCHITECTURES:
+    if name not in _ALL:
         raise ValueError(
-            f"unknown architecture {name!r}; available: {', '.join(available_architectures())}"
+            f"unknown architecture {name!r}; available: {', '.join(available_architectures(None))}"
         )
-    return ARCHITECTURES[name]
+    return _ALL[name]
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, input_kind: str | None = None,
-                **options: Any) -> HetModel:
-    """Build architecture ``name`` for per-sample inputs of ``input_shape`` and ``num_classes``.
+                **options: Any) -> nn.Module:
+    """Build architecture ``name`` for per-sample inputs of ``input_shape`` and ``num_classes``
+    (a classifier is a :class:`HetModel`; a generator produces such inputs, a discriminator reads them).
 
     ``input_kind`` is ``"image"``, ``"vector"`` or ``"tokens"``; None infers image or vector from
     the rank. ``options`` are the architecture's own keyword options. The model draws its initial
@@ -199,7 +250,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, in
 
 
 def build_module(spec: ModuleSpec, input_shape: tuple[int, ...], num_classes: int,
-                 input_kind: str | None = None) -> HetModel:
+                 input_kind: str | None = None) -> nn.Module:
     """:func:`build_model` from a :class:`ModuleSpec`."""
     return build_model(spec.arch, input_shape, num_classes, input_kind=input_kind, **spec.kwargs)
 
@@ -214,7 +265,7 @@ def width_architectures() -> list[str]:
     return [name for name in ARCHITECTURES if supports_width(name)]
 
 
-def _builder_options(builder: Callable[..., HetModel]) -> set[str]:
+def _builder_options(builder: Callable[..., nn.Module]) -> set[str]:
     """Keyword options an architecture takes beyond (input_shape, num_classes) and those the
     registry fixes (``functools.partial`` keywords such as ``arch``)."""
     fixed = set(builder.keywords) if isinstance(builder, functools.partial) else set()
@@ -229,34 +280,49 @@ def count_parameters(model: nn.Module) -> int:
 
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Forward FLOPs for one sample of ``input_shape``: ``2 * MACs`` of conv and linear layers.
 
     Runs one forward pass on a zero batch of size 1 in eval mode under ``no_grad`` (the model's
-    training flag is restored afterwards), with forward hooks on every ``nn.Conv*d`` and
-    ``nn.Linear``. A conv contributes ``out.numel() * (in_channels / groups) * prod(kernel_size)``
-    MACs, a linear ``out.numel() * in_features``. Biases, BN, activations, pooling and elementwise
-    additions are ignored (they are cheap next to the convolutions and matmuls).
+    training flag is restored afterwards), with forward hooks on every ``nn.Conv*d``,
+    ``nn.ConvTranspose*d`` and ``nn.Linear``. A conv contributes ``out.numel() * (in_channels / groups)
+    * prod(kernel_size)`` MACs, a transposed conv ``in.numel() * (out_channels / groups) *
+    prod(kernel_size)`` (every input element meets the whole kernel), a linear ``out.numel() *
+    in_features``. Biases, BN, activations, pooling, embeddings and elementwise additions are ignored
+    (they are cheap next to the convolutions and matmuls).
+
+    A module that does not read inputs of ``input_shape`` offers ``example_inputs(batch)``, the
+    arguments of one forward pass, and is run on those instead. A
+    :class:`~hetpfl.models.generative.Generator` does (one latent code, and one label when
+    conditional): it costs one generated sample, and ``input_shape`` must be the shape it generates
+    (the dataset's input shape it was built for), else ``ValueError``.
     """
     macs = 0
 
     def conv_hook(module: nn.Module, _inp, out) -> None:
         nonlocal macs
-        k = 1
-        for s in module.kernel_size:
-            k *= s
-        macs += out.numel() * (module.in_channels // module.groups) * k
+        macs += out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    def conv_transpose_hook(module: nn.Module, inp, _out) -> None:
+        nonlocal macs
+        macs += inp[0].numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
 
     def linear_hook(module: nn.Module, _inp, out) -> None:
         nonlocal macs
         macs += out.numel() * module.in_features
 
+    if isinstance(model, Generator) and tuple(input_shape) != model.output_shape:
+        raise ValueError(f"count_flops: generator {model.arch!r} generates inputs of shape {model.output_shape}, "
+                         f"not {tuple(input_shape)}")
     handles = []
     for m in model.modules():
         if isinstance(m, _CONV_TYPES):
             handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, _CONV_TRANSPOSE_TYPES):
+            handles.append(m.register_forward_hook(conv_transpose_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
     ref = next(model.parameters(), None)
@@ -266,7 +332,10 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *tuple(input_shape)), device=device, dtype=dtype))
+            if callable(getattr(model, "example_inputs", None)):
+                model(*model.example_inputs(1))
+            else:
+                model(torch.zeros((1, *tuple(input_shape)), device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
