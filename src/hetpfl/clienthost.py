@@ -215,6 +215,7 @@ class ClientHost:
             training=run.training,
             seed=run.seed,
             num_tasks=len(data.tasks),
+            value_range=data.value_range,
             leaked_public_labels=run.leaked_public_labels,
         )
 

@@ -84,6 +84,7 @@ class RunSpec:
             training=self.training,
             seed=self.seed,
             build_model=ServerModules(self),
+            value_range=self.data.value_range,
         )
 
     def make_server(self) -> Server:

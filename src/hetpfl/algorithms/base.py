@@ -84,6 +84,7 @@ class ClientContext:
     training: ClientTraining
     seed: int
     num_tasks: int = 0  # tasks in the data (0: no task ids)
+    value_range: tuple[float, float] | None = None  # bounds of the normalized inputs (for generators)
     leaked_public_labels: np.ndarray | None = None
 
     @property
@@ -147,6 +148,7 @@ class ServerSetup:
     training: ClientTraining
     seed: int
     build_model: ModuleFactory
+    value_range: tuple[float, float] | None = None  # bounds of the normalized inputs (for generators)
     clock: PhaseClock = field(default_factory=PhaseClock)  # time the server's phases (not saved)
 
     def rng(self, *keys: str | int) -> np.random.Generator:

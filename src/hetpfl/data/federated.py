@@ -77,6 +77,7 @@ class FederatedData:
     scheme: str = ""
     seed: int | None = None
     input_kind: str = ""
+    value_range: tuple[float, float] | None = None  # bounds of the normalized inputs (None: unbounded)
     tasks: tuple[str, ...] = ()
     drift: DriftSchedule | None = None
     shift: FeatureShift | None = None
@@ -368,6 +369,7 @@ def build_federated_data(
         scheme=scheme,
         seed=seed,
         input_kind=source.input_kind,
+        value_range=source.value_range,
         tasks=tasks,
         drift=schedule,
         shift=shift,

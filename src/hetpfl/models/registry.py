@@ -51,6 +51,7 @@ __all__ = [
     "available_architectures",
     "build_model",
     "build_module",
+    "generator_spec",
     "count_flops",
     "count_parameters",
     "model_summary",
@@ -247,6 +248,13 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, in
     model = builder(shape, num_classes, **options)
     setattr(model, BUILT_FROM, ModuleSpec.of(name, **options))
     return model
+
+
+def generator_spec(arch: str, value_range: tuple[float, float] | None, **options: Any) -> ModuleSpec:
+    """The :class:`ModuleSpec` of generator ``arch`` whose outputs span a dataset's ``value_range``
+    (``FederatedData.value_range``; None: an unbounded, linear output)."""
+    low, high = value_range if value_range is not None else (None, None)
+    return ModuleSpec.of(arch, low=low, high=high, **options)
 
 
 def build_module(spec: ModuleSpec, input_shape: tuple[int, ...], num_classes: int,

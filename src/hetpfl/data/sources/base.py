@@ -128,6 +128,7 @@ class DatasetSource:
     class_names: tuple[str, ...]
     origin: str
     input_kind: str = ""
+    value_range: tuple[float, float] | None = None  # bounds of the normalized inputs (None: unbounded)
 
     def __post_init__(self) -> None:
         kind = self.input_kind or infer_input_kind(self.train.x, tuple(self.input_shape))

@@ -46,7 +46,8 @@ class DatasetSpec:
     them; the loaded :class:`DatasetSource` has the actual values). ``options``: the option names
     :func:`load_dataset` accepts (``cache`` among them where the decoded-array cache applies).
     ``load(data_dir, download, use_cache, **options)`` returns the :class:`DatasetSource`;
-    ``info(data_dir)`` returns the dataset-specific keys of :func:`dataset_info`. ``aliases``:
+    ``info(data_dir)`` returns the dataset-specific keys of :func:`dataset_info`. ``value_range``:
+    the bounds of the normalized inputs (what a generator must be able to produce). ``aliases``:
     other accepted names (after lower-casing and ``-`` -> ``_``).
     """
 
@@ -59,6 +60,7 @@ class DatasetSpec:
     load: Callable[..., DatasetSource]
     info: Callable[[Path], dict[str, Any]]
     aliases: tuple[str, ...] = ()
+    value_range: tuple[float, float] | None = None  # the normalized inputs' bounds (None: unbounded)
 
     def __post_init__(self) -> None:
         if self.input_kind not in INPUT_KINDS:
@@ -78,18 +80,20 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in (
         DatasetSpec("digits", "image", (1, 8, 8), 10,
                     "scikit-learn's 8x8 digits (1,797 images), fixed stratified 80/20 split",
-                    options=(), load=load_digits, info=digits_info),
+                    options=(), load=load_digits, info=digits_info, value_range=(0.0, 1.0)),
         DatasetSpec("mnist", "image", (1, 28, 28), 10,
                     "MNIST handwritten digits from the four IDX files (60,000 / 10,000)",
                     options=(CACHE_OPTION,), load=functools.partial(load_idx_dataset, "mnist"),
-                    info=functools.partial(idx_info, "mnist")),
+                    info=functools.partial(idx_info, "mnist"), value_range=(0.0, 1.0)),
         DatasetSpec("fashion_mnist", "image", (1, 28, 28), 10,
                     "Fashion-MNIST clothing images from the four IDX files (60,000 / 10,000)",
                     options=(CACHE_OPTION,), load=functools.partial(load_idx_dataset, "fashion_mnist"),
-                    info=functools.partial(idx_info, "fashion_mnist"), aliases=("fashionmnist",)),
+                    info=functools.partial(idx_info, "fashion_mnist"), aliases=("fashionmnist",),
+                    value_range=(0.0, 1.0)),
         DatasetSpec("cifar10", "image", (3, 32, 32), 10,
                     "CIFAR-10 from the pickled batches or an image-folder archive, in [-1, 1]",
-                    options=(CACHE_OPTION,), load=load_cifar10, info=cifar10_info, aliases=("cifar_10",)),
+                    options=(CACHE_OPTION,), load=load_cifar10, info=cifar10_info, aliases=("cifar_10",),
+                    value_range=(-1.0, 1.0)),
         DatasetSpec("mnist1d", "vector", (40,), 10,
                     "MNIST-1D sequences generated locally by the mnist1d package",
                     options=(*MNIST1D_OPTIONS, CACHE_OPTION), load=load_mnist1d, info=mnist1d_info),
@@ -143,8 +147,8 @@ def load_dataset(
     check_keys(f"datasets.{spec.name}", options, spec.options, what="option")
     use_cache = bool(options.pop(CACHE_OPTION, True))
     source = spec.load(resolve_data_dir(data_dir), download, use_cache, **options)
-    if source.input_kind != spec.input_kind:
-        source = dataclasses.replace(source, input_kind=spec.input_kind)
+    if source.input_kind != spec.input_kind or source.value_range != spec.value_range:
+        source = dataclasses.replace(source, input_kind=spec.input_kind, value_range=spec.value_range)
     return source
 
 

@@ -1,0 +1,58 @@
+"""Class-wise experts and class prototypes (Mosaic; no ``SPEC``: not a method).
+
+* :func:`class_experts`: from the clients' weights θ_i and class counts n_ic, one expert per class,
+  ``e_c = Σ_i n_ic θ_i / Σ_i n_ic`` (Mosaic's code: the FedAvg rule with class c's counts as the
+  weights). A class no client in the round holds has no expert this round (None).
+* :func:`class_prototypes`: a client's per-class summary of its penultimate features: the
+  ``k``-means centres of each class's features, or the class mean when the class has fewer than
+  ``k`` samples (Mosaic's code: k = 10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..learn.tensors import as_input_tensor
+from .clustering import kmeans
+from .weights import weighted_average
+
+
+def class_experts(states: Sequence[dict[str, np.ndarray]], class_counts: Sequence[np.ndarray],
+                  num_classes: int) -> list[dict[str, np.ndarray] | None]:
+    """``[e_0, ..., e_{C-1}]``: e_c = Σ_i n_ic θ_i / Σ_i n_ic over the given clients (None where
+    no client holds class c)."""
+    counts = np.stack([np.asarray(c, dtype=np.float64).reshape(-1)[:num_classes] for c in class_counts])
+    experts: list[dict[str, np.ndarray] | None] = []
+    for c in range(num_classes):
+        holders = [i for i in range(len(states)) if counts[i, c] > 0]
+        experts.append(weighted_average([states[i] for i in holders], [counts[i, c] for i in holders])
+                       if holders else None)
+    return experts
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """``model.features(x)`` in eval mode, float32, in input order."""
+    model.eval()
+    xt = as_input_tensor(x)
+    parts = [model.features(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]
+    return torch.cat(parts).float().numpy() if parts else np.zeros((0, 0), np.float32)
+
+
+def class_prototypes(features: np.ndarray, labels: np.ndarray, k: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per class present in ``labels``: ``k``-means centres of its features (its mean when it has
+    fewer than ``k`` samples). Returns ``(prototypes (P, D) float32, their classes (P,) int64)``."""
+    protos, classes = [], []
+    for c in np.unique(labels):
+        rows = features[labels == c]
+        centres = rows.mean(axis=0, keepdims=True) if len(rows) < k else kmeans(rows, k, rng, restarts=1)[1]
+        protos.append(centres.astype(np.float32))
+        classes.append(np.full(len(centres), c, dtype=np.int64))
+    if not protos:
+        return np.zeros((0, features.shape[1] if features.ndim == 2 else 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(protos), np.concatenate(classes)
