@@ -35,7 +35,7 @@ class ToyConfig:
     expert_arch: str = "mlp_wide"
 
 
-def toy_modules(arch: str, config: ToyConfig) -> dict[str, ModuleSpec]:
+def toy_modules(arch: str, config: ToyConfig, data=None) -> dict[str, ModuleSpec]:
     return {"model": ModuleSpec.of(arch), "expert": ModuleSpec.of(config.expert_arch)}
 
 
@@ -190,6 +190,6 @@ def test_a_spec_is_checked_when_registered():
         dataclasses.replace(toy_spec(), schemas={"two words": StageSchema()})
     with pytest.raises(ValueError, match=r"evaluate schema must keep \['accuracy'"):
         dataclasses.replace(toy_spec(), schemas={**toy_spec().schemas, "evaluate": StageSchema()})
-    spec = dataclasses.replace(toy_spec(), client_modules=lambda arch, config: {"state": ModuleSpec.of(arch)})
+    spec = dataclasses.replace(toy_spec(), client_modules=lambda arch, config, data: {"state": ModuleSpec.of(arch)})
     with pytest.raises(ValueError, match="other than 'state'"):
         spec.modules_for("mlp", ToyConfig())

@@ -63,7 +63,7 @@ class RunSpec:
 
     def client_modules(self, client: int) -> dict[str, ModuleSpec]:
         """The module slots client ``client`` holds (its method's declaration for its architecture)."""
-        return self.algorithm.modules_for(self.client_archs[client], self.algorithm_config)
+        return self.algorithm.modules_for(self.client_archs[client], self.algorithm_config, self.data)
 
     def new_module(self, spec: ModuleSpec, *key: str | int) -> torch.nn.Module:
         """A freshly initialized registry module whose weights depend only on (seed, key)."""
@@ -393,6 +393,7 @@ def _require_states(transport: Transport, what: str) -> None:
 # ------------------------------------------------------------------------------------------
 
 RoundCallback = Callable[[dict[str, Any]], None]
+VISUALS = "visuals"  # summary key of the server's image grids (arrays: the results folder saves them as PNGs)
 _FINAL_KEYS = ("acc_by_arch", "acc_by_task", "cluster_ari")
 _FINAL_SUFFIXES = ("_mean", "_std", "_worst10", "client_acc", "_test_acc")
 
@@ -463,6 +464,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         if checkpoint is not None and checkpoint.due(rnd, run.rounds):
             save_checkpoint(checkpoint, run, server, dataclasses.replace(
                 state, wall_s=state.wall_s + time.perf_counter() - started), transport)
+    visuals = server.visuals()
     last = state.last
     final = {k: v for k, v in last.items() if k.endswith(_FINAL_SUFFIXES) or k in _FINAL_KEYS}
     return {
@@ -487,6 +489,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         "time_by_stage_s": dict(sorted(state.stage_s.items())),
         "time_by_phase_s": dict(sorted(state.phase_s.items())),
         **({"resumed_at_round": first_round} if resume is not None else {}),
+        **({VISUALS: visuals} if visuals else {}),
     }
 
 

@@ -86,3 +86,27 @@ def _save(fig: "plt.Figure", path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_image_grid(path: str | Path, images: np.ndarray, value_range: tuple[float, float] | None = None,
+                    row_labels: Sequence[str] | None = None, title: str = "") -> Path:
+    """Save ``images`` of shape (rows, cols, C, H, W) as one PNG grid (one row per e.g. client),
+    pixels mapped from ``value_range`` (default: the images' own min and max) to [0, 1]."""
+    images = np.asarray(images, dtype=np.float32)
+    rows, cols = images.shape[:2]
+    low, high = value_range if value_range is not None else (float(images.min()), float(images.max()))
+    images = np.clip((images - low) / max(high - low, 1e-8), 0.0, 1.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8 + 1.0, rows * 0.8 + 0.4), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            img = images[r, c]
+            ax.imshow(img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0)),
+                      cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, Path(path))

@@ -205,6 +205,12 @@ class Server:
         global model of a method that has one."""
         return {}
 
+    def visuals(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """Image grids for the results folder at the end of a run: ``{name: (images of shape
+        (rows, cols, C, H, W), one label per row)}``, saved as ``<name>.png`` (e.g. samples of
+        each client's generator)."""
+        return {}
+
     def evaluation_messages(self, clients: list[int]) -> dict[int, Message]:
         """What the evaluate stage sends each client (default nothing). A method whose personalized
         model needs the latest global state (e.g. FedRep: the global body with the client's own
@@ -257,7 +263,7 @@ def evaluation_reply(model: nn.Module, test: ArrayDataset, num_tasks: int = 0) -
     return reply
 
 
-def default_client_modules(arch: str, config: Any) -> dict[str, ModuleSpec]:
+def default_client_modules(arch: str, config: Any, data: Any = None) -> dict[str, ModuleSpec]:
     """One slot, ``model``, of the client's assigned architecture (``name`` or ``name@width``)."""
     return {MAIN_SLOT: ModuleSpec.parse(arch)}
 
@@ -265,7 +271,8 @@ def default_client_modules(arch: str, config: Any) -> dict[str, ModuleSpec]:
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """A registered method: its config, its two sides, the messages of each stage and the
-    module slots its clients hold (``client_modules(arch, config) -> {slot: ModuleSpec}``).
+    module slots its clients hold (``client_modules(arch, config, data) -> {slot: ModuleSpec}``,
+    ``data`` the run's ``FederatedData``, e.g. for a generator's value range).
 
     Checked at registration: every stage has a handler on ``client_cls`` and is a Python
     identifier (Flower's message types need that); an ``evaluate`` schema, if declared, extends
@@ -280,7 +287,7 @@ class AlgorithmSpec:
     homogeneous_only: bool = False
     uses_public: bool = False
     stateful_clients: bool = True  # clients keep something between rounds (refuses runtime.client_state=none)
-    client_modules: Callable[[str, Any], Mapping[str, ModuleSpec]] = field(default=default_client_modules)
+    client_modules: Callable[[str, Any, Any], Mapping[str, ModuleSpec]] = field(default=default_client_modules)
     # check_run(config, run) raises FieldError/ValueError for a run this method cannot do (e.g. more
     # clusters than clients, architectures without width support); prepare calls it before training
     check_run: Callable[[Any, Any], None] | None = None
@@ -306,9 +313,9 @@ class AlgorithmSpec:
             return EVALUATE_SCHEMA
         raise ValueError(f"algorithm '{self.name}' declares no stage '{stage}' (stages: {sorted(self.schemas)})")
 
-    def modules_for(self, arch: str, config: Any) -> dict[str, ModuleSpec]:
+    def modules_for(self, arch: str, config: Any, data: Any = None) -> dict[str, ModuleSpec]:
         """The module slots of a client whose assigned architecture is ``arch``."""
-        slots = dict(self.client_modules(arch, config))
+        slots = dict(self.client_modules(arch, config, data))
         if not slots or any(not isinstance(s, str) or not s.isidentifier() or s == "state" for s in slots):
             raise ValueError(f"algorithm '{self.name}': clients need at least one module slot, each named by an "
                              f"identifier other than 'state' (got {sorted(map(str, slots))})")
@@ -337,13 +344,15 @@ class NoConfig:
 
 
 def train_locally(ctx: ClientContext, epochs: float | None = None, *, model: nn.Module | None = None,
+                  lr: float | None = None,
                   params: Iterable[torch.Tensor] | None = None,
                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                   penalty: Callable[[], torch.Tensor] | None = None, stream: str = "fit") -> dict[str, float]:
     """The shared client routine: supervised training on the client's private data (this round's
     view) with the shared schedule and optimizer options.
 
-    ``model``: which module (default the ``model`` slot); ``params``: a subset to update (e.g. a
+    ``model``: which module (default the ``model`` slot); ``lr``: another learning rate than the
+    shared routine's (e.g. a fine-tuning phase); ``params``: a subset to update (e.g. a
     head); ``loss_fn(logits, labels)``: the data term (default cross-entropy); ``penalty()``: a term
     added to every step; ``stream``: the key of the random stream (shuffles, augmentation) — two
     trainings in one stage use two keys."""
@@ -355,7 +364,7 @@ def train_locally(ctx: ClientContext, epochs: float | None = None, *, model: nn.
         ctx.train.y,
         epochs=ctx.training.local_epochs if epochs is None else epochs,
         batch_size=ctx.training.batch_size,
-        optim=ctx.training.optim(),
+        optim=ctx.training.optim(lr),
         generator=ctx.generator(stream),
         augment=ctx.training.augment,
         params=params,

@@ -56,7 +56,7 @@ class DittoConfig(Validated):
     personal_init: str = option("own", choices=PERSONAL_INITS)  # v_k^0: own init, or w^t at first contact
 
 
-def ditto_modules(arch: str, config: Any) -> dict[str, ModuleSpec]:
+def ditto_modules(arch: str, config: Any, data: Any = None) -> dict[str, ModuleSpec]:
     """The personal model in ``model`` (Local's slot and seed), the global copy in ``global``."""
     return {MAIN_SLOT: ModuleSpec.parse(arch), GLOBAL_SLOT: ModuleSpec.parse(arch)}
 

@@ -52,7 +52,7 @@ from .losses import (
 from .options import OPTIMIZERS, OptimOptions, select_parameters
 from .supervised import distill, fit
 from .tensors import AUGMENTATIONS, as_input_tensor, as_tensor, augment_batch, input_dtype
-from .weights import arrays_to_state, state_to_arrays
+from .weights import arrays_to_state, ema_update, state_to_arrays
 
 __all__ = [
     "AUGMENTATIONS",
@@ -98,6 +98,7 @@ __all__ = [
     "select_parameters",
     "sharpen",
     "state_to_arrays",
+    "ema_update",
     "steps_for_epochs",
     "train_gan",
     "train_generator_against",

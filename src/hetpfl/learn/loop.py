@@ -33,6 +33,7 @@ class Objective:
     eval: Sequence[nn.Module] = ()
     repeats: int = 1
     name: str = "loss"
+    after_step: Callable[[], None] | None = None  # called after each optimizer step (e.g. an EMA update)
 
     def __post_init__(self) -> None:
         params = self.params.parameters() if isinstance(self.params, nn.Module) else self.params
@@ -97,6 +98,8 @@ def optimize(
                     if o.optim.max_grad_norm is not None:
                         nn.utils.clip_grad_norm_(o.params, o.optim.max_grad_norm)
                     optimizer.step()
+                    if o.after_step is not None:
+                        o.after_step()
                     recorded[o.name].append(loss.detach())
             done += 1
     return {**{name: _mean(losses) for name, losses in recorded.items()}, "steps": done}

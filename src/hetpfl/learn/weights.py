@@ -24,3 +24,14 @@ def arrays_to_state(model: nn.Module, arrays: dict[str, np.ndarray], strict: boo
     missing, unexpected = model.load_state_dict(state, strict=strict)
     if unexpected:
         raise ValueError(f"arrays for tensors the model does not have: {unexpected[:5]}")
+
+
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """``average ← decay · average + (1 − decay) · model``, parameter by parameter (buffers such
+    as BatchNorm statistics are copied): an exponential moving average of a model's weights (Mosaic's
+    EMA teacher, DFRD's EMA generator)."""
+    for avg, new in zip(average.parameters(), model.parameters(), strict=True):
+        avg.mul_(decay).add_(new.detach(), alpha=1.0 - decay)
+    for avg, new in zip(average.buffers(), model.buffers(), strict=True):
+        avg.copy_(new)
