@@ -116,7 +116,7 @@ class SpyTransport(InProcessTransport):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_asked_stages_are_declared_and_clients_keep_nothing_on_self(name):
-    run = prepare(method_config(name, rounds=2)).run
+    run = prepare(method_config(name)).run
     host = ClientHost(run)
     before = dict(vars(host.client))
     transport = SpyTransport(host)

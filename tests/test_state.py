@@ -100,7 +100,7 @@ def test_every_server_saves_and_restores_through_the_default(tmp_path):
     from hetpfl.simulator import InProcessTransport
 
     for name in METHODS:
-        run = prepare(method_config(name, rounds=1)).run
+        run = prepare(method_config(name)).run
         server = run.make_server()
         transport = InProcessTransport(ClientHost(run))
         server.round(0, list(range(run.num_clients)), RoundComm(run, transport, 0, Ledger(run.num_clients)))

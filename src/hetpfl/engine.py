@@ -85,6 +85,7 @@ class RunSpec:
             seed=self.seed,
             build_model=ServerModules(self),
             value_range=self.data.value_range,
+            input_kind=self.data.input_kind,
         )
 
     def make_server(self) -> Server:

@@ -149,6 +149,7 @@ class ServerSetup:
     seed: int
     build_model: ModuleFactory
     value_range: tuple[float, float] | None = None  # bounds of the normalized inputs (for generators)
+    input_kind: str = ""  # image, vector or tokens
     clock: PhaseClock = field(default_factory=PhaseClock)  # time the server's phases (not saved)
 
     def rng(self, *keys: str | int) -> np.random.Generator:

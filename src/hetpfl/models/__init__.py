@@ -7,6 +7,7 @@ builds the generators and discriminators of :mod:`.generative` (``AUXILIARY_ARCH
 
 from .base import INPUT_KINDS
 from .generative import Discriminator, Generator
+from .teachers import MetaModel, MixtureTeacher
 from .registry import (
     ARCHITECTURE_KINDS,
     ARCHITECTURES,
@@ -37,6 +38,8 @@ from .width import (
 )
 
 __all__ = [
+    "MetaModel",
+    "MixtureTeacher",
     "WIDTH_MODES",
     "SubIndex",
     "channel_indices",

@@ -1,0 +1,117 @@
+"""Mosaic's pieces: class-wise experts, prototypes, the meta model, the run around them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hetpfl.algorithms.experts import class_experts, class_prototypes
+from hetpfl.configuration import ConfigError
+from hetpfl.experiment import load_config, prepare, run_experiment
+from hetpfl.learn import IndexBatches, Objective, OptimOptions, ema_update, optimize
+from hetpfl.models import MixtureTeacher, build_model
+from hetpfl.state import load_tree, save_tree
+
+CONFIG = Path(__file__).parent / "configs" / "alg" / "mosaic.yaml"
+
+
+def test_a_class_expert_is_the_class_count_weighted_average():
+    rng = np.random.default_rng(0)
+    states = [{"w.x": rng.normal(size=(3, 2)).astype(np.float32), "b.n": np.array(i, np.int64)} for i in range(3)]
+    counts = [np.array([5, 0, 1]), np.array([1, 0, 0]), np.array([0, 0, 3])]
+    experts = class_experts(states, counts, num_classes=3)
+    expected0 = (5 * states[0]["w.x"].astype(np.float64) + 1 * states[1]["w.x"]) / 6
+    np.testing.assert_allclose(experts[0]["w.x"], expected0, rtol=1e-6)
+    assert experts[1] is None  # nobody holds class 1
+    expected2 = (1 * states[0]["w.x"].astype(np.float64) + 3 * states[2]["w.x"]) / 4
+    np.testing.assert_allclose(experts[2]["w.x"], expected2, rtol=1e-6)
+    np.testing.assert_array_equal(class_experts(states[:1], counts[:1], 3)[2]["w.x"], states[0]["w.x"])  # one holder
+
+
+def test_prototypes_are_kmeans_centres_or_the_mean_of_a_small_class():
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(0, 1, (40, 4)), rng.normal(10, 1, (3, 4))]).astype(np.float32)
+    labels = np.array([0] * 40 + [1] * 3)
+    protos, classes = class_prototypes(feats, labels, k=5, rng=np.random.default_rng(1))
+    assert classes.tolist() == [0] * 5 + [1]
+    np.testing.assert_allclose(protos[5], feats[40:].mean(axis=0), rtol=1e-5)  # 3 < k: the class mean
+    # the 5 centres of class 0 partition its points: each point is nearest to one, all used
+    nearest = ((feats[:40, None] - protos[None, :5]) ** 2).sum(-1).argmin(1)
+    assert len(np.unique(nearest)) == 5
+
+
+def test_the_meta_model_learns_separable_prototypes_and_its_ema_follows():
+    torch.manual_seed(0)
+    experts = [build_model("mlp", (6,), 3).eval().requires_grad_(False) for _ in range(3)]
+    meta = build_model("moe_meta", (6,), 3, num_experts=3, dropout=0.0)
+    ema = build_model("moe_meta", (6,), 3, num_experts=3, dropout=0.0)
+    ema.load_state_dict(meta.state_dict())
+    mixture = MixtureTeacher(experts, meta)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, experts[0].feature_dim))
+    labels = rng.integers(0, 3, 120)
+    feats = torch.tensor(centres[labels] + rng.normal(0, 0.3, (120, centres.shape[1])), dtype=torch.float32)
+    y = torch.tensor(labels)
+    before = (mixture.from_features(feats).argmax(-1) == y).float().mean().item()
+    objective = Objective(lambda idx: F.cross_entropy(mixture.from_features(feats[idx]), y[idx]), meta,
+                          OptimOptions(lr=3e-3), train=(meta,), eval=tuple(experts),
+                          after_step=lambda: ema_update(ema, meta, 0.9))
+    optimize(objective, IndexBatches(120, 32, steps=150, generator=torch.Generator().manual_seed(0)))
+    meta.eval()
+    after = (mixture.from_features(feats).argmax(-1) == y).float().mean().item()
+    assert after > 0.95 and after > before
+    ema_acc = (MixtureTeacher(experts, ema.eval()).from_features(feats).argmax(-1) == y).float().mean().item()
+    assert ema_acc > 0.9  # the EMA teacher tracks the trained meta model
+    assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), meta.parameters()))
+
+
+@pytest.fixture(scope="module")
+def mosaic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mosaic")
+    return out, run_experiment(load_config(CONFIG), out)
+
+
+def test_a_run_distills_once_uploads_generators_once_and_draws_their_samples(mosaic_run):
+    out, summary = mosaic_run
+    rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [("kd_loss" in r["server"]) for r in rows] == [False, False, True, False]  # at the end of warm-up
+    assert summary["bytes_by_stage"]["generator"]["up"] > 0 and summary["bytes_by_stage"]["generator"]["down"] == 0
+    assert rows[-1]["server"]["generators"] == 5.0 and rows[-1]["server"]["prototypes"] > 0
+    assert "global_test_acc" in summary["final"]
+    assert (out / "generated_samples.png").stat().st_size > 0
+    assert set(summary["time_by_phase_s"]) == {"generators", "meta_model", "distillation"}
+
+
+def test_the_server_state_after_distillation_saves_and_restores(tmp_path):
+    from hetpfl.clienthost import ClientHost
+    from hetpfl.engine import Ledger, RoundComm
+    from hetpfl.simulator import InProcessTransport
+
+    run = prepare(load_config(CONFIG, ["algorithm.warmup_rounds=1", "rounds=1"])).run
+    server = run.make_server()
+    server.round(0, list(range(run.num_clients)), RoundComm(run, InProcessTransport(ClientHost(run)), 0,
+                                                              Ledger(run.num_clients)))
+    assert server.distilled and server.meta is not None
+    save_tree(tmp_path / "s.npz", server.state_dict())
+    fresh = run.make_server()
+    fresh.load_state_dict(load_tree(tmp_path / "s.npz", build=fresh.setup.rebuild))
+    assert fresh.distilled and sorted(fresh.generators) == sorted(server.generators)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.meta.state_dict().values(), server.meta.state_dict().values()))
+    np.testing.assert_array_equal(fresh.prototypes, server.prototypes)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algorithm.prototype_k=0", "algorithm.prototype_k"),
+    ("algorithm.inversion_threshold=-1", "algorithm.inversion_threshold"),
+    ("algorithm.warmup_rounds=9", "algorithm.warmup_rounds"),
+    ("algorithm.generator_arch=dcgan_generator", "algorithm.generator_arch"),  # images only; gaussian is vectors
+    ("models.clients=[mlp, cnn_small]", "models.clients"),
+])
+def test_bad_input_fails_before_training_naming_the_key(override, key):
+    extra = ["data.dataset=gaussian"] if "generator_arch" in override else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        prepare(load_config(CONFIG, [override, *extra]))
