@@ -1,0 +1,76 @@
+"""Shared pieces of the data-free distillation baselines DENSE and FedFTG (no ``SPEC``).
+
+* :class:`GeneratorConfig`: the server generator's config keys (architecture, latent size, width);
+* :func:`generator_module`: its :class:`~hetpfl.models.ModuleSpec` for the run's data (outputs span
+  the dataset's value range, ``models.generator_spec``);
+* :func:`check_generator`: the part of a spec's ``check_run`` that builds the generator once and
+  fails before training, naming ``generator_arch``, when it cannot produce the dataset's inputs;
+* :func:`frozen_copies`: uploaded client weights as frozen teacher models (copies of a template);
+* :func:`agreement`: how often two classifiers give the same class (tests and measures).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..configuration import FieldError, Validated, option
+from ..learn import arrays_to_state
+from ..models import ModuleSpec, available_architectures, generator_spec
+
+GENERATORS = tuple(available_architectures("generator"))
+
+
+@dataclass
+class GeneratorConfig(Validated):
+    """The server's generator (CPU-sized defaults; DENSE's code: nz 256, ngf 64; FedFTG: z 100)."""
+
+    generator_arch: str | None = option(None, choices=GENERATORS)  # None: dcgan_generator for images, else mlp
+    latent_dim: int = option(32, ge=1)  # size of the code z
+    generator_width: int = option(16, ge=1)  # ngf
+
+
+def generator_module(config: GeneratorConfig, data: Any, *, conditional: bool) -> ModuleSpec:
+    """The generator of ``config`` for ``data`` (anything with ``input_kind`` and ``value_range``: the
+    run's ``FederatedData`` or the server's ``ServerSetup``)."""
+    arch = config.generator_arch or ("dcgan_generator" if data.input_kind == "image" else "mlp_generator")
+    return generator_spec(arch, data.value_range, latent_dim=config.latent_dim, ngf=config.generator_width,
+                          conditional=conditional)
+
+
+def check_generator(config: GeneratorConfig, run: Any, *, conditional: bool) -> None:
+    """Build the generator once for the run's data; a generator that cannot make the dataset's inputs
+    fails here (``algorithm.generator_arch=...: why``), before any training."""
+    spec = generator_module(config, run.data, conditional=conditional)
+    try:
+        generator = run.new_module(spec, "check")
+    except ValueError as exc:
+        raise FieldError("generator_arch", spec.arch, f"cannot generate this dataset's inputs: {exc}") from None
+    if tuple(generator.output_shape) != tuple(run.data.input_shape):
+        raise FieldError("generator_arch", spec.arch, f"makes inputs of shape {tuple(generator.output_shape)}, "
+                                                      f"the dataset's are {tuple(run.data.input_shape)}")
+
+
+def frozen_copies(template: nn.Module, states: list[dict[str, np.ndarray]]) -> list[nn.Module]:
+    """One copy of ``template`` per state (``w.``/``b.`` arrays), in eval mode, without gradients."""
+    models = []
+    for arrays in states:
+        model = copy.deepcopy(template)
+        arrays_to_state(model, arrays)
+        models.append(model.eval().requires_grad_(False))
+    return models
+
+
+def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Share of the inputs ``x`` on which ``a`` and ``b`` (in eval mode) predict the same class."""
+    modes = [a.training, b.training]
+    a.eval(), b.eval()
+    with torch.no_grad():
+        same = (a(x).argmax(-1) == b(x).argmax(-1)).float().mean().item()
+    a.train(modes[0]), b.train(modes[1])
+    return float(same)
