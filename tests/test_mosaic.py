@@ -115,3 +115,35 @@ def test_bad_input_fails_before_training_naming_the_key(override, key):
     extra = ["data.dataset=gaussian"] if "generator_arch" in override else []
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         prepare(load_config(CONFIG, [override, *extra]))
+
+
+# -- the reproduction configs --------------------------------------------------------------------
+
+def test_reproduction_configs_are_the_scripts_output_load_and_share_each_cells_setting(tmp_path, monkeypatch):
+    import importlib.util
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_mosaic_configs", repo / "benchmarks" / "make_mosaic_configs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    script.main()
+    shipped = repo / "configs" / "mosaic"
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
+    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))  # nobody edited by hand
+    assert all((tmp_path / p).read_text() == (shipped / p).read_text() for p in written)
+    cells = {p.parent for p in written if p.parts[0] != "ablations"}
+    assert len(cells) == 3 * 3 * 2
+    for cell in cells:
+        trees = {p.stem: yaml.safe_load((shipped / p).read_text()) for p in written if p.parent == cell}
+        for method, tree in trees.items():
+            config = load_config(shipped / cell / f"{method}.yaml")  # validates every key, the method's too
+            assert config.algorithm["name"] == method and config.data.num_clients == 10
+            assert config.data.min_samples == 10 and config.participation == 1.0
+            assert tree["data"] == trees["mosaic"]["data"] and tree["client"] == trees["mosaic"]["client"]
+            assert tree["models"] == trees["mosaic"]["models"]
+        widths = cell.parts[-1] == "widths"
+        assert len(set(trees["mosaic"]["models"]["clients"])) == (3 if widths else 1)
+        assert set(trees) >= ({"dfrd", "fedrolex"} if widths else {"dense", "fedftg", "fedgen", "fedavg"})
