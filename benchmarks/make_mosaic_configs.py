@@ -11,7 +11,8 @@ MNIST alpha 0.1 go to configs/mosaic/ablations/.
 Cuts (the paper -> here): 16k-50k private samples -> ``max_train_samples``; 100 rounds -> 20 (Mosaic:
 15 FedAvg warm-up rounds, distillation, 5 fine-tuning rounds; the code: 40 warm-up of 100); generator
 epochs 200 -> 5; distillation 1,500 steps -> 300; DENSE's 200 server epochs -> 20 (its clients train
-20 local epochs once: the others' 20 rounds of 1 epoch).
+20 local epochs once: the others' 20 rounds of 1 epoch), its distillation one pass over the pool per
+epoch (a pool growing to 51,200 samples, ~20,000 steps in all) -> 100 steps per epoch (2,000).
 
 Usage: .venv/bin/python benchmarks/make_mosaic_configs.py   (rewrites the folder; commit the result)
 Run:   benchmarks/run_configs.sh configs/mosaic/mnist/a0.1 runs/mosaic/mnist/a0.1 "0 1 2"
@@ -35,7 +36,7 @@ MOSAIC = {"name": "mosaic", "warmup_rounds": 15, "latent_dim": 64, "generator_wi
           "classifier_epochs": 5, "kd_steps": 300, "meta_steps": 150}
 HOMOGENEOUS = {
     "mosaic": MOSAIC,
-    "dense": {"name": "dense", "local_epochs": 20},
+    "dense": {"name": "dense", "local_epochs": 20, "kd_steps": 100},
     "fedftg": {"name": "fedftg"},
     "fedgen": {"name": "fedgen"},
     "fedavg": {"name": "fedavg"},

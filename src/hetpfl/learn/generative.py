@@ -19,6 +19,8 @@ its name, and ``steps``, like :func:`~hetpfl.learn.supervised.fit`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -316,7 +318,8 @@ def train_generator_against(
     ce_weight: float = 0.0,
     diversity_weight: float = 0.0,
     label_probs: np.ndarray | None = None,
-) -> dict[str, float]:
+    fixed_codes: bool = False,
+) -> dict[str, Any]:
     """The server's data-free generator step: ``steps`` updates of ``generator`` on batches of
     ``batch_size`` codes z (and labels y ~ ``label_probs``, uniform by default, for a conditional
     generator or a CE term), minimizing
@@ -331,6 +334,11 @@ def train_generator_against(
     KL disagreement + diversity, labels from the clients' class counts; DFRD: conditional, the same
     terms with ``only_disagreeing=True``. The teacher (e.g. a :class:`LogitEnsemble`) and the student
     are in eval mode and unchanged; only the generator trains. Returns ``{"loss", "steps"}``.
+
+    ``fixed_codes``: one batch of codes (and targets) is drawn once and learned together with the
+    generator (same optimizer) for all ``steps`` — DENSE's synthesis, which inverts the teacher on a
+    batch: with an unconditional generator and CE on random targets, only fixed codes tie each
+    target to a code. The result then adds ``"codes"``: the learned ``(z, y)``, to pool ``G(z)``.
     """
     objective = _generator_objective(generator, teacher, student, optim=optim, adversarial_weight=adversarial_weight,
                                      kind=kind, temperature=temperature, only_disagreeing=only_disagreeing,
@@ -338,7 +346,14 @@ def train_generator_against(
     conditional = bool(getattr(generator, "conditional", False))
     batches = _generator_batches(generator, _num_classes(generator), steps=steps, batch_size=batch_size,
                                  stream=stream, label_probs=label_probs, needs_labels=conditional or ce_weight > 0)
-    return optimize(objective, batches)
+    if not fixed_codes:
+        return optimize(objective, batches)
+    z, y = next(iter(SampledBatches(batches.sample, 1)))
+    z = z.detach().clone().requires_grad_(True)
+    objective = dataclasses.replace(objective, params=(*objective.params, z))
+    result: dict[str, Any] = dict(optimize(objective, SampledBatches(lambda _step: (z, y), steps)))
+    result["codes"] = (z.detach(), y)
+    return result
 
 
 def _as_generators(generators: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, ...]:
