@@ -40,6 +40,7 @@ from torch import nn
 
 from ..configuration import FieldError, option
 from ..learn import (
+    steps_for_epochs,
     IndexBatches,
     LogitEnsemble,
     Objective,
@@ -78,6 +79,7 @@ class MosaicConfig(HeteroFLConfig):
     generator_lr: float = option(2e-4, gt=0)  # Adam (code)
     generator_beta1: float = option(0.5, ge=0, lt=1)  # Adam β1 (DCGAN, code)
     generator_batch_size: int = option(64, ge=1)
+    generator_min_steps: int = option(100, ge=0)  # fewest GAN steps a client's generator gets (small clients)
     diversity_weight: float = option(5.0, ge=0)  # batch class-diversity (code: 5)
     entropy_weight: float = option(0.0, ge=0)  # per-sample entropy (paper; code: 0)
     inversion_weight: float = option(0.0, ge=0)  # BatchNorm inversion (paper; code: off)
@@ -133,6 +135,19 @@ class MosaicServer(HeteroFLServer):
         self.prototype_labels = np.zeros(0, np.int64)
         self.meta: nn.Module | None = None  # the EMA meta model (the teacher), once trained
         self.distilled = False
+        self.unreported_teacher: nn.Module | None = None  # the teacher, until an evaluation scores it
+
+    def state_dict(self) -> dict[str, Any]:
+        """The default, less the teacher kept for the next evaluation (a diagnostic, rebuilt by nothing)."""
+        return {k: v for k, v in super().state_dict().items() if k != "unreported_teacher"}
+
+    def test_models(self) -> dict[str, nn.Module]:
+        """The global model; at the first evaluation after distillation also the teacher it learned from
+        (``teacher_test_acc``: how good the meta model over the experts was)."""
+        models = super().test_models()
+        if self.unreported_teacher is not None:
+            models["teacher"], self.unreported_teacher = self.unreported_teacher, None
+        return models
 
     def window_offset(self, rnd: int) -> int:
         return -rnd if self.mode == "rolling" else 0  # FedRolex's window (see fedrolex.py)
@@ -231,7 +246,7 @@ class MosaicServer(HeteroFLServer):
                 optim=OptimOptions(lr=c.kd_lr), stream=self.setup.generator("kd", rnd), loss="mosaic",
                 temperature=c.temperature, kl_weight=c.kl_weight, ce_weight=c.ce_weight, js_weight=c.js_weight,
                 student_eval=True)
-        self.distilled = True
+        self.distilled, self.unreported_teacher = True, teacher
         return {"meta_loss": meta_loss, "kd_loss": float(result["loss"])}
 
     def teacher(self, experts: list[nn.Module], gens: list[nn.Module]) -> tuple[nn.Module, float]:
@@ -288,8 +303,9 @@ class MosaicClient(HeteroFLClient):
             train_locally(ctx, c.classifier_epochs, model=classifier, stream="classifier")
         inversion = c.inversion_weight if len(ctx.train) < c.inversion_threshold else 0.0
         gen = ctx.modules["generator"]
-        train_gan(gen, ctx.modules["discriminator"], ctx.train.x, epochs=c.generator_epochs,
-                  batch_size=c.generator_batch_size, optim=OptimOptions(lr=c.generator_lr, beta1=c.generator_beta1),
+        steps = steps_for_epochs(len(ctx.train), c.generator_batch_size, c.generator_epochs)
+        steps = max(steps, c.generator_min_steps) if steps else 0  # small clients still train their generator
+        train_gan(gen, ctx.modules["discriminator"], ctx.train.x, steps=steps, batch_size=c.generator_batch_size, optim=OptimOptions(lr=c.generator_lr, beta1=c.generator_beta1),
                   stream=ctx.generator("gan"), classifier=classifier if uses_classifier else None,
                   diversity_weight=c.diversity_weight, entropy_weight=c.entropy_weight, inversion_weight=inversion)
         return Message(state_to_arrays(gen), {"num_examples": len(ctx.train)})
