@@ -86,6 +86,20 @@ def test_a_run_distills_once_uploads_generators_once_and_draws_their_samples(mos
     assert set(summary["time_by_phase_s"]) == {"generators", "meta_model", "distillation"}
 
 
+def test_only_the_last_warmup_rounds_send_prototypes(mosaic_run, tmp_path):
+    import json
+
+    out, _ = mosaic_run  # prototype_rounds 5 >= warmup_rounds 3: every warm-up round sends them
+    every = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run_experiment(load_config(CONFIG, ["algorithm.prototype_rounds=1"]), tmp_path)
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["server"]["prototypes"] > 0 for r in every[:3]] == [True, True, True]
+    assert [r["server"]["prototypes"] > 0 for r in last[:3]] == [False, False, True]
+    assert last[2]["server"]["prototypes"] < every[2]["server"]["prototypes"]
+    assert all(a["bytes_up"] < b["bytes_up"] for a, b in zip(last[:2], every[:2]))  # no prototypes travel
+    assert last[2]["bytes_up"] == every[2]["bytes_up"]  # the same round, the same prototypes
+
+
 def test_the_server_state_after_distillation_saves_and_restores(tmp_path):
     from hetpfl.clienthost import ClientHost
     from hetpfl.engine import Ledger, RoundComm

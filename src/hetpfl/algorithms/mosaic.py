@@ -7,14 +7,14 @@ Every round t (clients of one architecture, possibly at several widths: FedRolex
               λ_div · batch class-diversity + λ_ent · per-sample entropy on the classifier's
               predictions + λ_inv · BatchNorm inversion (clients with fewer than τ samples) — and
               uploads G_i.
-  LOCAL       the server sends each client its sub-model of the global model W^t; the client (while
-              t < T_w) computes class prototypes — k-means centres (k = 10) of its penultimate
+  LOCAL       the server sends each client its sub-model of the global model W^t; the client (in the
+              last ``prototype_rounds`` rounds before T_w) computes class prototypes — k-means centres (k = 10) of its penultimate
               features per class under the received model (the class mean with fewer than k
               samples) — then trains (the shared routine; lr ↓ after distillation) and uploads its
               weights θ_i, its class counts n_ic and the prototypes.
   SERVER      W^{t+1} = entry-wise Σ n_i θ_i / Σ n_i (FedAvg; FedRolex with widths);
               class experts e_c = Σ_i n_ic θ_i / Σ_i n_ic (entry-wise likewise);
-              prototypes pooled over the warm-up rounds.
+              prototypes pooled over those rounds.
   at t = T_w − 1, after aggregating:
     META      a Transformer over the experts' logits (one token per expert) learns CE on the pooled
               (prototype, class) pairs, prototypes passing through each expert's head only; an EMA
@@ -89,6 +89,7 @@ class MosaicConfig(HeteroFLConfig):
     # -- prototypes, experts, meta model ------------------------------------------------------------
     prototype_k: int = option(10, ge=1)  # k-means centres per class (code: 10)
     prototype_batches: int | None = option(10, ge=1)  # batches of local data per round (code: 10); None: all
+    prototype_rounds: int | None = option(5, ge=1)  # last warm-up rounds that send prototypes; None: all (code)
     teacher: str = option("meta", choices=TEACHERS)  # average: the plain mean of the experts' logits
     meta_data: str = option("prototypes", choices=META_DATA)  # generated: generator samples instead
     meta_steps: int = option(150, ge=0)  # code: 30 x 5 one-batch epochs
@@ -163,7 +164,7 @@ class MosaicServer(HeteroFLServer):
         offset = self.window_offset(rnd)
         widths = {k: client_width(self.setup.client_archs[k]) for k in clients}
         subs = {w: submodel_arrays(self.global_model, full, w, self.mode, offset) for w in sorted(set(widths.values()))}
-        scalars: dict[str, Any] = {"prototypes": not self.distilled}
+        scalars: dict[str, Any] = {"prototypes": self.wants_prototypes(rnd)}
         if self.distilled and c.finetune_lr is not None:
             scalars["lr"] = c.finetune_lr
         replies = comm.ask("train", {k: Message(dict(subs[widths[k]][0]), dict(scalars)) for k in clients})
@@ -180,7 +181,7 @@ class MosaicServer(HeteroFLServer):
                 base = self.experts.get(cls, full)
                 self.experts[cls] = average_submodels(base, [arrays[i] for i in holders], [indices[i] for i in holders],
                                                       [counts[i][cls] for i in holders])
-        if not self.distilled:
+        if self.wants_prototypes(rnd):
             self.pool_prototypes([replies[k] for k in order], indices)
         measures = {"prototypes": float(len(self.prototype_labels)), "generators": float(len(self.generators))}
         if not self.distilled and rnd >= c.warmup_rounds - 1:
@@ -194,6 +195,12 @@ class MosaicServer(HeteroFLServer):
             arrays_to_state(generator, reply.arrays)
             self.generators[k] = generator
             self.sizes[k] = int(reply.scalars["num_examples"])
+
+    def wants_prototypes(self, rnd: int) -> bool:
+        """Prototypes are asked for in the last ``prototype_rounds`` warm-up rounds (all: the code's,
+        which warms up from a converged model; features of a young global model are stale by then)."""
+        last = self.config.prototype_rounds
+        return not self.distilled and (last is None or rnd >= self.config.warmup_rounds - last)
 
     def pool_prototypes(self, replies: list[Message], indices: list[dict]) -> None:
         """Append the round's prototypes, a narrow client's features placed at its feature indices
