@@ -21,6 +21,18 @@ def test_run_then_report(tmp_path, capsys):
     assert (tmp_path / "report" / "table.md").read_text().startswith("| run |")
 
 
+def test_report_table_shows_test_set_accuracy_and_ari_but_not_numbered_models():
+    from hetpfl.report import format_table
+
+    base = {"seeds": [0, 1], "personalized_acc_mean": (0.9, 0.01), "personalized_acc_worst10": (0.8, 0.02),
+            "bytes_up_per_client_mean": (1e6, 0), "bytes_down_per_client_mean": (2e6, 0), "wall_time_s": (3.0, 0)}
+    rows = [{**base, "group": "a", "global_test_acc": (0.5, 0.1), "cluster0_test_acc": (0.4, 0.0)},
+            {**base, "group": "b", "cluster_ari": (1.0, 0.0)}]
+    header, _, first, second = format_table(rows, markdown=True).splitlines()
+    assert "global test-set acc %" in header and "cluster ARI" in header and "cluster0" not in header
+    assert "| 50.00 ± 10.00 | — |" in first and "| — | 1.00 ± 0.00 |" in second
+
+
 def test_config_error_exits_2_with_message(tmp_path, capsys):
     assert main(["run", "configs/default.yaml", "-o", str(tmp_path), "--set", "data.dirichlet_alpha=-1"]) == 2
     err = capsys.readouterr().err

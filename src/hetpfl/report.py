@@ -77,7 +77,8 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     (``*_test_acc``), the clustering's ARI when a method reports one."""
     acc_keys = ["personalized_acc_mean", "personalized_acc_worst10"]
     extra = sorted({k for r in rows for k in r if k.endswith("_acc_mean") and k not in acc_keys})
-    test_set = sorted({k for r in rows for k in r if k.endswith("_test_acc")})  # on the global test set
+    # on the global test set; numbered models (one per cluster: cluster0, cluster1...) stay in table.json
+    test_set = sorted({k for r in rows for k in r if k.endswith("_test_acc") and not k[: -len("_test_acc")][-1].isdigit()})
     ari = ["cluster_ari"] if any("cluster_ari" in r for r in rows) else []
     headers = ["run", "seeds", "own model acc %", "worst-10% acc %"] + [
         f"{k[: -len('_acc_mean')]} model acc %" for k in extra
