@@ -121,3 +121,12 @@ def _same(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b or (a != a and b != b)
+
+
+def test_zero_dimensional_arrays_keep_their_shape(tmp_path):
+    """A BatchNorm's num_batches_tracked is a 0-d array in a weights dict: it comes back 0-d."""
+    tree = {"w": {"b.num_batches_tracked": np.array(3, np.int64), "w.x": np.ones((2, 1), np.float32)}}
+    save_tree(tmp_path / "s.npz", tree)
+    back = load_tree(tmp_path / "s.npz")
+    assert back["w"]["b.num_batches_tracked"].shape == () and back["w"]["b.num_batches_tracked"] == 3
+    assert back["w"]["w.x"].shape == (2, 1)

@@ -53,7 +53,7 @@ def tree_to_record(tree: Any, where: str = "state") -> Message:
 
     def array_ref(array: np.ndarray, kind: str) -> dict[str, str]:
         key = f"a{len(arrays)}"
-        arrays[key] = np.ascontiguousarray(array).copy()
+        arrays[key] = np.array(array, copy=True, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
         return {kind: key}
 
     def encode(value: Any, path: str) -> Any:
