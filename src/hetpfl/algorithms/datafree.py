@@ -1,10 +1,12 @@
-"""Shared pieces of the data-free distillation baselines DENSE and FedFTG (no ``SPEC``).
+"""Shared pieces of the data-free distillation baselines (no ``SPEC``).
 
 * :class:`GeneratorConfig`: the server generator's config keys (architecture, latent size, width);
 * :func:`generator_module`: its :class:`~hetpfl.models.ModuleSpec` for the run's data (outputs span
   the dataset's value range, ``models.generator_spec``);
 * :func:`check_generator`: the part of a spec's ``check_run`` that builds the generator once and
   fails before training, naming ``generator_arch``, when it cannot produce the dataset's inputs;
+* :func:`class_shares`: each client's share of each class in a round (the class-level ensemble
+  weights of FedFTG, DFRD and FedGen);
 * :func:`frozen_copies`: uploaded client weights as frozen teacher models (copies of a template);
 * :func:`agreement`: how often two classifiers give the same class (tests and measures).
 """
@@ -54,6 +56,13 @@ def check_generator(config: GeneratorConfig, run: Any, *, conditional: bool) -> 
     if tuple(generator.output_shape) != tuple(run.data.input_shape):
         raise FieldError("generator_arch", spec.arch, f"makes inputs of shape {tuple(generator.output_shape)}, "
                                                       f"the dataset's are {tuple(run.data.input_shape)}")
+
+
+def class_shares(counts: np.ndarray) -> np.ndarray:
+    """α (M, C): α[k, y] = n_k^y / Σ_j n_j^y; a class no client holds: 1/M."""
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(0, keepdims=True)
+    return np.where(totals > 0, counts / np.where(totals > 0, totals, 1), 1.0 / len(counts)).astype(np.float32)
 
 
 def frozen_copies(template: nn.Module, states: list[dict[str, np.ndarray]]) -> list[nn.Module]:

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..configuration import FieldError, option, require
+from ..configuration import option, require
 from ..learn import (
     LogitEnsemble,
     OptimOptions,
@@ -74,12 +74,12 @@ from ..learn import (
     train_generator_against,
 )
 from ..messages import ArrayField, Message, Schema, StageSchema
-from ..models import WIDTH_MODES, ModuleSpec, available_architectures, build_module, generator_spec
+from ..models import WIDTH_MODES
 from .base import AlgorithmSpec, ClientContext, Comm, ServerSetup, weight_fields
+from .datafree import GENERATORS, check_generator, class_shares, generator_module
 from .heterofl import HeteroFLClient, HeteroFLConfig, HeteroFLServer
 from .submodels import check_width_clients, client_width, scaled_hidden_outputs, submodel_arrays
 
-GENERATORS = tuple(available_architectures("generator"))
 
 
 @dataclass
@@ -114,20 +114,13 @@ class DFRDConfig(HeteroFLConfig):
                 "training the generator needs a positive fidelity_weight, transfer_weight or diversity_weight")
 
 
-def dfrd_generator(config: DFRDConfig, data: Any) -> ModuleSpec:
-    """The conditional generator (``data``: anything with ``input_shape`` and ``value_range``)."""
-    arch = config.generator_arch or ("dcgan_generator" if len(data.input_shape) == 3 else "mlp_generator")
-    return generator_spec(arch, data.value_range, latent_dim=config.latent_dim, ngf=config.generator_width,
-                          conditional=True)
-
-
 class DFRDServer(HeteroFLServer):
     """FedRolex's (or HeteroFL's) server, then the generator, its EMA copy and the distillation."""
 
     def __init__(self, config: DFRDConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
         self.mode = config.window
-        spec = dfrd_generator(config, setup)
+        spec = generator_module(config, setup, conditional=True)
         self.generator = setup.build_model(spec.arch, "generator", **spec.kwargs)
         self.generator_ema = setup.build_model(spec.arch, "generator", **spec.kwargs)  # same key: a copy of G
 
@@ -187,11 +180,7 @@ class DFRDServer(HeteroFLServer):
             arrays_to_state(model, {n: a for n, a in replies[k].arrays.items() if n[:2] in ("w.", "b.")})
             scalers.enter_context(scaled_hidden_outputs(model, client_width(arch) if self.config.scaler else 1.0))
             members.append(model)
-        weights = None
-        if self.config.dynamic_weighting:
-            total = counts.sum(0, keepdims=True)
-            weights = np.where(total > 0, counts / np.maximum(total, 1.0), 1.0 / len(members))
-        return LogitEnsemble(members, weights)
+        return LogitEnsemble(members, class_shares(counts) if self.config.dynamic_weighting else None)
 
     def mixed_kl(self, n: int):
         """Per batch: (1 − μ) · mean KL on the first ``n`` samples (G) + μ · mean KL on the next ``n`` (G̃)."""
@@ -218,12 +207,7 @@ class DFRDClient(HeteroFLClient):
 def check_dfrd(config: DFRDConfig, run: Any) -> None:
     """Width sub-models of one architecture, and a generator that makes the dataset's inputs."""
     check_width_clients("dfrd", run.client_archs)
-    spec = dfrd_generator(config, run.data)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            build_module(spec, run.data.input_shape, run.data.num_classes, run.data.input_kind)
-    except ValueError as exc:
-        raise FieldError("algorithm.generator_arch", spec.arch, str(exc)) from None
+    check_generator(config, run, conditional=True)
 
 
 TRAIN = StageSchema(

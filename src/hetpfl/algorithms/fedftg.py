@@ -51,7 +51,7 @@ from ..configuration import option, require
 from ..learn import LogitEnsemble, OptimOptions, adversarial_distillation
 from ..messages import ArrayField, Message, Schema, StageSchema
 from .base import AlgorithmSpec, ClientContext, Comm, ServerSetup, weight_fields
-from .datafree import GeneratorConfig, check_generator, frozen_copies, generator_module
+from .datafree import GeneratorConfig, check_generator, class_shares, frozen_copies, generator_module
 from .fedavg import FedAvgClient, FedAvgServer
 from .weights import shared_arrays
 
@@ -78,13 +78,6 @@ class FedFTGConfig(GeneratorConfig):
         super().__post_init__()
         require(self.ce_weight + self.adversarial_weight + self.diversity_weight > 0, "ce_weight", self.ce_weight,
                 "the generator needs a term: ce, adversarial or diversity weight > 0")
-
-
-def class_shares(counts: np.ndarray) -> np.ndarray:
-    """α (M, C): α[k, y] = n_k^y / Σ_j n_j^y; a class no client holds: 1/M."""
-    counts = np.asarray(counts, np.float64)
-    totals = counts.sum(0, keepdims=True)
-    return np.where(totals > 0, counts / np.where(totals > 0, totals, 1), 1.0 / len(counts)).astype(np.float32)
 
 
 class LabelledGenerator(nn.Module):

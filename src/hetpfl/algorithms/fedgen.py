@@ -63,13 +63,13 @@ from torch import nn
 from ..configuration import FieldError, Validated, option, require
 from ..learn import LogitEnsemble, OptimOptions, arrays_to_state, kl_to_targets, state_to_arrays, train_generator_against
 from ..messages import ArrayField, Message, Schema, StageSchema
-from ..models import ModuleSpec, available_architectures, build_model, build_module
+from ..models import ModuleSpec, build_model, build_module
 from ..rng import derive_seed
 from .base import AlgorithmSpec, ClientContext, Comm, ServerSetup, train_locally, weight_fields
+from .datafree import GENERATORS, class_shares
 from .fedavg import FedAvgClient, FedAvgServer
 from .weights import shared_arrays
 
-GENERATORS = tuple(available_architectures("generator"))
 GEN = "gen."  # prefix of the generator's arrays in the down message
 
 
@@ -147,9 +147,7 @@ class FedGenServer(FedAvgServer):
         if c.generator_steps == 0:
             return {}
         counts = np.stack([replies[k].arrays["label_counts"] for k in replies]).astype(np.float64)
-        total = counts.sum(0, keepdims=True)
-        weights = np.where(total > 0, counts / np.maximum(total, 1.0), 1.0 / len(replies))
-        teacher = LogitEnsemble([self.head(replies[k].arrays) for k in replies], weights)
+        teacher = LogitEnsemble([self.head(replies[k].arrays) for k in replies], class_shares(counts))
         generator = feature_generator(c, self.feature_dim, self.setup.num_classes)
         arrays_to_state(generator, self.generator)
         with self.setup.clock.phase("generator"):
@@ -157,7 +155,7 @@ class FedGenServer(FedAvgServer):
                 generator, teacher, self.global_model.head, steps=c.generator_steps, batch_size=c.generator_batch_size,
                 optim=OptimOptions(lr=c.generator_lr * c.generator_lr_decay**rnd, weight_decay=c.generator_weight_decay),
                 stream=self.setup.generator("round", rnd, "generator"), adversarial_weight=c.adversarial_weight,
-                ce_weight=c.teacher_weight, diversity_weight=c.diversity_weight, label_probs=total[0])
+                ce_weight=c.teacher_weight, diversity_weight=c.diversity_weight, label_probs=counts.sum(0))
         self.generator = state_to_arrays(generator)
         return {"generator_loss": out["loss"]}
 
