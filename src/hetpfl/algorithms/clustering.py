@@ -16,6 +16,8 @@ By public predictions (COSMOS, COMET):
 * :func:`kmeans`: Lloyd's k-means with k-means++ seeding from a given generator, optionally warm
   started from previous centroids (COMET's clustering).
 * :func:`match_clusters`: carries cluster identities across re-clusterings by member overlap.
+* :func:`best_by_silhouette`: the number of clusters chosen from a distance matrix alone (the
+  partition of K = 2..max with the best silhouette, or one cluster without structure; DisUE).
 
 By weights, updates or data subspaces (IFCA, CFL, FeSEM, PACFL):
 
@@ -36,7 +38,7 @@ Everything here is deterministic given its inputs (and the generator for k-means
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,7 @@ __all__ = [
     "ClusteredServer",
     "agglomerative",
     "auto_threshold",
+    "best_by_silhouette",
     "check_num_clusters",
     "cluster_averages",
     "cosine_similarity",
@@ -251,6 +254,26 @@ def auto_threshold(dist: np.ndarray, min_silhouette: float = 0.25, max_candidate
             best = ClusterChoice(labels, float(epsilon), score)
     if best is None or best.score < min_silhouette:
         return ClusterChoice(one.labels, one.epsilon, None if best is None else best.score)
+    return best
+
+
+def best_by_silhouette(dist: np.ndarray, partition: Callable[[int], np.ndarray], max_clusters: int,
+                       min_silhouette: float = 0.25) -> ClusterChoice:
+    """K chosen from the distance matrix alone: ``partition(k)`` for k = 2..min(max_clusters, n - 1),
+    the one with the best :func:`silhouette` (ties to fewer clusters); one cluster when none reaches
+    ``min_silhouette`` (as :func:`auto_threshold`) or there are fewer than 3 points."""
+    dist = np.asarray(dist, dtype=np.float64)
+    n = len(dist)
+    best: ClusterChoice | None = None
+    for k in range(2, min(max_clusters, n - 1) + 1):
+        labels = np.asarray(partition(k))
+        if not 2 <= num_clusters(labels) <= n - 1:
+            continue
+        score = silhouette(dist, labels)
+        if best is None or score > best.score:
+            best = ClusterChoice(labels, None, score)
+    if best is None or best.score < min_silhouette:
+        return ClusterChoice(np.zeros(n, dtype=np.int64), None, None if best is None else best.score)
     return best
 
 
@@ -512,14 +535,14 @@ class ClusteredServer(Server):
     def model_key(k: int) -> str:
         return "global" if k == 0 else f"cluster-{k}"
 
-    def new_model(self, key: str) -> nn.Module:
-        # one architecture for every client: the specs declare homogeneous_only, checked in prepare
-        return self.setup.build_model(self.setup.client_archs[0], key)
+    def new_model(self, key: str, arch: str | None = None) -> nn.Module:
+        # default: the one architecture of every client (homogeneous_only specs, checked in prepare)
+        return self.setup.build_model(arch or self.setup.client_archs[0], key)
 
-    def set_model(self, k: int, arrays: dict[str, np.ndarray]) -> None:
-        """Cluster ``k``'s model takes ``arrays`` (built first if ``k`` is new)."""
+    def set_model(self, k: int, arrays: dict[str, np.ndarray], arch: str | None = None) -> None:
+        """Cluster ``k``'s model takes ``arrays`` (built first, of ``arch``, if ``k`` is new)."""
         if k not in self.models:
-            self.models[k] = self.new_model(self.model_key(k))
+            self.models[k] = self.new_model(self.model_key(k), arch)
         arrays_to_state(self.models[k], arrays)
 
     def weights(self, k: int) -> dict[str, np.ndarray]:

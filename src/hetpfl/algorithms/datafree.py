@@ -8,7 +8,8 @@
 * :func:`class_shares`: each client's share of each class in a round (the class-level ensemble
   weights of FedFTG, DFRD and FedGen);
 * :func:`frozen_copies`: uploaded client weights as frozen teacher models (copies of a template);
-* :func:`agreement`: how often two classifiers give the same class (tests and measures).
+* :func:`agreement`: how often two classifiers give the same class (tests and measures);
+* :func:`class_samples`: a picture of a conditional generator, eight samples per class.
 """
 
 from __future__ import annotations
@@ -83,3 +84,15 @@ def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         same = (a(x).argmax(-1) == b(x).argmax(-1)).float().mean().item()
     a.train(modes[0]), b.train(modes[1])
     return float(same)
+
+
+def class_samples(generator: nn.Module, setup: Any) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Eight samples of a conditional ``generator`` per class, one row each (images only: ``{}``
+    otherwise), drawn from the server's ``visuals`` stream: a server's :meth:`visuals`."""
+    if len(setup.input_shape) != 3:
+        return {}
+    stream, n = setup.generator("visuals"), setup.num_classes
+    with torch.no_grad():
+        y = torch.arange(n).repeat_interleave(8)
+        x = generator.eval().sample(8 * n, stream, y).cpu().numpy()
+    return {"generated_samples": (x.reshape(n, 8, *setup.input_shape), [f"class {c}" for c in range(n)])}

@@ -51,7 +51,7 @@ from ..configuration import option, require
 from ..learn import LogitEnsemble, OptimOptions, adversarial_distillation
 from ..messages import ArrayField, Message, Schema, StageSchema
 from .base import AlgorithmSpec, ClientContext, Comm, ServerSetup, weight_fields
-from .datafree import GeneratorConfig, check_generator, class_shares, frozen_copies, generator_module
+from .datafree import GeneratorConfig, check_generator, class_samples, class_shares, frozen_copies, generator_module
 from .fedavg import FedAvgClient, FedAvgServer
 from .weights import shared_arrays
 
@@ -157,14 +157,7 @@ class FedFTGServer(FedAvgServer):
         return {"generator_loss": float(result["generator"]), "kd_loss": float(result["student"])}
 
     def visuals(self) -> dict[str, tuple[np.ndarray, list[str]]]:
-        """Eight samples of the generator per class."""
-        if len(self.setup.input_shape) != 3:
-            return {}
-        stream, n = self.setup.generator("visuals"), self.setup.num_classes
-        with torch.no_grad():
-            y = torch.arange(n).repeat_interleave(8)
-            x = self.generator.eval().sample(8 * n, stream, y).cpu().numpy()
-        return {"generated_samples": (x.reshape(n, 8, *self.setup.input_shape), [f"class {c}" for c in range(n)])}
+        return class_samples(self.generator, self.setup)
 
 
 class FedFTGClient(FedAvgClient):

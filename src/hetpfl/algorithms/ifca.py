@@ -96,7 +96,7 @@ class IFCAServer(ClusteredServer):
 class IFCAClient(FedAvgClient):
     def train(self, message: Message, ctx: ClientContext) -> Message:
         models = unpack_models(message.arrays)
-        choice = self.choose(models, ctx) if len(models) > 1 else 0
+        choice = lowest_loss(models, ctx, self.config.selection_samples) if len(models) > 1 else 0
         load_shared(ctx.model, models[choice])
         train_locally(ctx)
         reply = Message(shared_arrays(ctx.model), {"num_examples": len(ctx.train)})
@@ -104,18 +104,20 @@ class IFCAClient(FedAvgClient):
             reply.scalars["cluster"] = choice
         return reply
 
-    def choose(self, models: list[dict[str, np.ndarray]], ctx: ClientContext) -> int:
-        """argmin_j of the training loss under model j (ties: the lowest j)."""
-        x, y = ctx.train.x, ctx.train.y
-        n = self.config.selection_samples
-        if n is not None and n < len(y):
-            pick = np.sort(ctx.rng("select").choice(len(y), size=n, replace=False))
-            x, y = x[pick], y[pick]
-        losses = []
-        for arrays in models:
-            load_shared(ctx.model, arrays)
-            losses.append(evaluate(ctx.model, x, y)["loss"] if len(y) else 0.0)
-        return int(np.argmin(losses))
+
+
+def lowest_loss(models: list[dict[str, np.ndarray]], ctx: ClientContext, samples: int | None = None) -> int:
+    """argmin_j of the client's training loss under model j (ties: the lowest j), on ``samples``
+    random training samples (None: all), each model loaded into ``ctx.model`` in turn."""
+    x, y = ctx.train.x, ctx.train.y
+    if samples is not None and samples < len(y):
+        pick = np.sort(ctx.rng("select").choice(len(y), size=samples, replace=False))
+        x, y = x[pick], y[pick]
+    losses = []
+    for arrays in models:
+        load_shared(ctx.model, arrays)
+        losses.append(evaluate(ctx.model, x, y)["loss"] if len(y) else 0.0)
+    return int(np.argmin(losses))
 
 
 def check_run(config: IFCAConfig, run) -> None:

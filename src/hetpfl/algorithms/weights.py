@@ -4,7 +4,9 @@
 * :func:`shared_arrays` / :func:`load_shared`: the part of a model's state a method shares, as the
   ``w.``/``b.`` arrays that travel (``learn.state_to_arrays``), filtered by a key predicate;
 * :func:`weight_distance_matrix`, :func:`flat_weights`: distances between models' parameters
-  (parameter-space clustering).
+  (parameter-space clustering);
+* :func:`count_sketch`: a seeded random projection of a flattened update (similarity without the
+  raw update, DisUE's ``projection_dim``).
 """
 
 from __future__ import annotations
@@ -55,3 +57,15 @@ def weight_distance_matrix(vectors: Sequence[np.ndarray]) -> np.ndarray:
     stack = np.stack(vectors)
     sq = (stack**2).sum(axis=1)
     return np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2.0 * stack @ stack.T, 0.0, None))
+
+
+def count_sketch(vector: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """The CountSketch of ``vector`` in ``dim`` buckets: coordinate j adds ``s_j · v_j`` to bucket
+    ``h(j)``, with hash ``h`` and signs ``s = ±1`` drawn from ``seed`` (everyone holding the seed
+    draws the same). A sparse random projection: inner products, hence cosines and distances, are
+    preserved in expectation, with a variance that falls as ``dim`` grows (Charikar et al. 2002)."""
+    v = np.asarray(vector, dtype=np.float64).reshape(-1)
+    rng = np.random.default_rng(seed)
+    buckets = rng.integers(0, dim, size=v.size)
+    signs = rng.integers(0, 2, size=v.size) * 2.0 - 1.0
+    return np.bincount(buckets, weights=signs * v, minlength=dim).astype(np.float32)
