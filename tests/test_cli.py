@@ -33,6 +33,18 @@ def test_report_table_shows_test_set_accuracy_and_ari_but_not_numbered_models():
     assert "| 50.00 ± 10.00 | — |" in first and "| — | 1.00 ± 0.00 |" in second
 
 
+def test_report_shows_the_best_single_cluster_model():
+    from hetpfl.report import best_cluster_model, format_table
+
+    final = {"global_test_acc": 0.6, "cluster0_test_acc": 0.4, "cluster7_test_acc": 0.55, "cluster_acc_mean": 0.9}
+    assert best_cluster_model(final) == {"best_cluster_test_acc": 0.55}
+    assert best_cluster_model({"global_test_acc": 0.6}) == {}
+    base = {"seeds": [0], "personalized_acc_mean": (0.9, 0.0), "personalized_acc_worst10": (0.8, 0.0),
+            "bytes_up_per_client_mean": (1e6, 0), "bytes_down_per_client_mean": (2e6, 0), "wall_time_s": (3.0, 0)}
+    header, _, row = format_table([{**base, "group": "a", "best_cluster_test_acc": (0.55, 0.0)}], markdown=True).splitlines()
+    assert "best_cluster test-set acc %" in header and "55.00" in row
+
+
 def test_config_error_exits_2_with_message(tmp_path, capsys):
     assert main(["run", "configs/default.yaml", "-o", str(tmp_path), "--set", "data.dirichlet_alpha=-1"]) == 2
     err = capsys.readouterr().err

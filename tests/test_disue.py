@@ -15,6 +15,7 @@ import torch
 
 from hetpfl.algorithms.clustering import best_by_silhouette, kmeans
 from hetpfl.algorithms.disue import model_arrays
+from hetpfl.algorithms.fedftg import LabelledGenerator
 from hetpfl.algorithms.weights import count_sketch, flat_weights, shared_arrays, weight_distance_matrix
 from hetpfl.clienthost import ClientHost
 from hetpfl.configuration import ConfigError
@@ -55,12 +56,33 @@ def one_round(*overrides: str):
 
 # --- the teacher -----------------------------------------------------------------------------------
 
-def test_a_class_only_one_cluster_holds_is_taught_by_its_expert_alone():
+def two_experts():
     run, server, _, _ = one_round("algorithm.distill_steps=0", "algorithm.num_clusters=2")
     experts = sorted(server.models)
     assert len(experts) == 2
     counts = np.array([[30, 10, 0, 5], [10, 30, 20, 0]], dtype=np.float64)
     counts = np.pad(counts, ((0, 0), (0, run.data.num_classes - 4)))  # classes 4.. held by nobody
+    return run, server, experts, counts
+
+
+def test_a_class_only_one_cluster_holds_is_taught_by_its_expert_alone():
+    """The default: each generated sample's teacher weights the experts by their share of its class."""
+    run, server, experts, counts = two_experts()
+    source = LabelledGenerator(server.generator)
+    teacher = server.teacher(experts, counts, source)
+    y = torch.tensor([2, 2, 3, 0, 5, 2])
+    with torch.no_grad():
+        x = source(source.draw_latent(len(y), torch.Generator().manual_seed(0)), y)
+        out, e0, e1 = teacher(x), server.models[experts[0]].eval()(x), server.models[experts[1]].eval()(x)
+    expected = {2: (0.0, 1.0), 3: (1.0, 0.0), 0: (0.75, 0.25), 5: (0.5, 0.5)}  # 5: nobody's, the plain mean
+    for i, label in enumerate(y.tolist()):
+        w0, w1 = expected[label]
+        assert torch.allclose(out[i], w0 * e0[i] + w1 * e1[i], atol=1e-5), label
+
+
+def test_per_logit_class_weights_and_the_plain_mean():
+    run, server, experts, counts = two_experts()
+    server.config = dataclasses.replace(server.config, expert_weights="class")
     teacher = server.teacher(experts, counts)
     x = torch.as_tensor(run.data.global_test.x[:50])
     with torch.no_grad():
@@ -97,6 +119,7 @@ def test_every_architecture_gets_its_own_universal_expert(tmp_path):
 def test_the_teacher_spans_every_architecture():
     run, server, _, _ = one_round("models.clients=[cnn_small, mlp]", "algorithm.num_clusters=1")
     experts = sorted(server.models)
+    server.config = dataclasses.replace(server.config, expert_weights="class")
     teacher = server.teacher(experts, np.ones((len(experts), run.data.num_classes)))
     assert {type(m).__name__ for m in teacher.members} == {type(server.models[k]).__name__ for k in experts}
     assert len({type(m).__name__ for m in teacher.members}) == 2
@@ -138,7 +161,8 @@ def test_clustering_finds_the_two_true_groups(tmp_path):
     ["algorithm.clustering=loss", "algorithm.num_clusters=2"],
     ["algorithm.similarity_threshold=0.5"],
     ["algorithm.projection_dim=64"],
-    ["algorithm.distill_data=public"],
+    ["algorithm.distill_data=public", "algorithm.expert_weights=samples"],
+    ["algorithm.expert_weights=class"],
 ])
 def test_every_clustering_and_distillation_source_runs(tmp_path, overrides):
     run_experiment(config("rounds=3", "participation=1.0", *overrides), tmp_path)
@@ -205,7 +229,9 @@ def test_best_by_silhouette_finds_blobs_and_refuses_noise():
     (["algorithm.distill_steps=-1"], "algorithm.distill_steps"),
     (["data.dataset=gaussian", "data.feature_shift=none", "algorithm.generator_arch=dcgan_generator"],
      "algorithm.generator_arch"),
-    (["algorithm.distill_data=public", "data.public_fraction=0"], "algorithm.distill_data"),
+    (["algorithm.distill_data=public", "algorithm.expert_weights=class", "data.public_fraction=0"],
+     "algorithm.distill_data"),
+    (["algorithm.distill_data=public"], "algorithm.expert_weights"),  # public inputs carry no generated label
     (["algorithm.similarity_threshold=0.5", "algorithm.num_clusters=2"], "algorithm.similarity_threshold"),
     (["algorithm.clustering=median"], "algorithm.clustering"),
 ])

@@ -18,8 +18,9 @@ Every round t (u_a: the universal expert of architecture a):
                kmeans  k-means on the weights (FeSEM's parameter distance); K given or by silhouette
                loss    each client's lowest-loss expert ĵ_i (IFCA's selection; K fixed)
           2. expert e_k ← Σ_{i∈k} n_i w_i / Σ_{i∈k} n_i for every cluster k of the round
-          3. teacher T(x)_c = Σ_k α_kc e_k(x)_c with α_kc = n_k^c / Σ_j n_j^c (``expert_weights:
-             class``: a class only cluster k holds is taught by e_k alone); for every architecture a:
+          3. teacher T(x | y) = Σ_k α_ky e_k(x), α_ky = n_k^y / Σ_j n_j^y, for a sample generated for
+             class y (``expert_weights: sample_label``; ``class``: T(x)_c = Σ_k α_kc e_k(x)_c per logit;
+             either way a class only cluster k holds is taught by e_k alone); for every architecture a:
              u_a ← Σ_{i of a} n_i w_i / Σ n_i (``student_init: average``), then ``distill_steps``
              iterations of: ``generator_steps`` updates of a server-side conditional generator G
              against T and u_a (fidelity CE(T(x), y) − KL(T ‖ u_a) + diversity, FedFTG's loop), and
@@ -28,8 +29,8 @@ Every round t (u_a: the universal expert of architecture a):
 Reported: u_a as ``global`` (each client's architecture's expert on its test split) and on the
 global test set (``global_test_acc``; ``global_<arch>_test_acc`` with several architectures); each
 client's cluster expert as ``cluster`` (``cluster_acc``) and every expert on the global test set
-(``cluster<k>_test_acc``); the client's model after local training (the engine's own-model
-measure); the assignment (``cluster_ari``). With one cluster and ``distill_steps: 0`` a round is
+(``cluster<k>_test_acc``); the round's teacher on the global test set (``teacher_test_acc``: what distillation aims at); the
+client's model after local training (the engine's own-model measure); the assignment (``cluster_ari``). With one cluster and ``distill_steps: 0`` a round is
 FedAvg's: the same training, the same average, the same accuracies.
 """
 
@@ -51,11 +52,12 @@ from .base import AlgorithmSpec, Client, ClientContext, Comm, ServerSetup, train
 from .clustering import (LINKAGES, ClusteredServer, agglomerative, best_by_silhouette, check_num_clusters,
                          cluster_averages, cosine_similarity, kmeans, match_clusters)
 from .datafree import GeneratorConfig, check_generator, class_samples, class_shares, generator_module
+from .fedftg import LabelledGenerator, SampleLabelEnsemble
 from .ifca import lowest_loss, pack_models, unpack_models
 from .weights import count_sketch, flat_weights, load_shared, shared_arrays, weight_distance_matrix, weighted_average
 
 CLUSTERINGS = ("cosine", "kmeans", "loss")
-EXPERT_WEIGHTS = ("class", "uniform", "samples")
+EXPERT_WEIGHTS = ("sample_label", "class", "uniform", "samples")
 STUDENT_INITS = ("average", "previous")
 DISTILL_DATA = ("generator", "public")
 
@@ -71,7 +73,7 @@ class DisUEConfig(GeneratorConfig):
     projection_dim: int | None = option(None, ge=1)  # cluster on CountSketches of the updates (None: raw)
     kmeans_restarts: int = option(10, ge=1)
     selection_samples: int | None = option(None, ge=1)  # loss: samples scored per expert (None: all)
-    expert_weights: str = option("class", choices=EXPERT_WEIGHTS)  # uniform: plain mean of the experts
+    expert_weights: str = option("sample_label", choices=EXPERT_WEIGHTS)  # uniform: plain mean of the experts
     student_init: str = option("average", choices=STUDENT_INITS)  # previous: u_a of the last round
     distill_data: str = option("generator", choices=DISTILL_DATA)
     distill_steps: int = option(10, ge=0)  # iterations per round and architecture (0: no distillation)
@@ -98,6 +100,7 @@ class DisUEServer(ClusteredServer):
         self.universal = {a: setup.build_model(a, "global") for a in self.archs}  # FedAvg's start
         self.expert_arch: dict[int, str] = {}
         self.next_id = 0
+        self.round_teacher: LogitEnsemble | None = None  # this round's teacher, scored if the round is evaluated
         if config.distill_data == "generator":
             spec = generator_module(config, setup, conditional=True)
             self.generator = setup.build_model(spec.arch, "generator", **spec.kwargs)
@@ -197,11 +200,16 @@ class DisUEServer(ClusteredServer):
                 return kmeans(points, k, rng, restarts=c.kmeans_restarts)[0]
         return best_by_silhouette(dist, split, k_max, c.min_silhouette).labels
 
-    def teacher(self, experts: list[int], counts: np.ndarray) -> LogitEnsemble:
-        """The round's experts, each weighted per class by its cluster's share (``expert_weights``)."""
+    def teacher(self, experts: list[int], counts: np.ndarray, source: LabelledGenerator | None = None
+                ) -> torch.nn.Module:
+        """The round's experts weighted by ``expert_weights``: per class by its cluster's share, for the
+        class a sample was generated for (``sample_label``, labels from ``source``) or for each logit
+        column (``class``); the plain mean; or by cluster size."""
         mode, sizes = self.config.expert_weights, counts.sum(1)
-        weights = {"class": class_shares(counts), "samples": sizes / sizes.sum(), "uniform": None}[mode]
         models = [copy.deepcopy(self.models[k]).eval().requires_grad_(False) for k in experts]
+        if mode == "sample_label":
+            return SampleLabelEnsemble(models, class_shares(counts), source).eval()
+        weights = {"class": class_shares(counts), "samples": sizes / sizes.sum(), "uniform": None}[mode]
         return LogitEnsemble(models, weights).eval()
 
     def distill(self, rnd: int, replies: dict[int, Message], labels: dict[int, int],
@@ -211,7 +219,9 @@ class DisUEServer(ClusteredServer):
         experts = sorted(set(labels.values()))
         counts = np.stack([sum(replies[i].arrays["class_counts"].astype(np.float64) for i in labels if labels[i] == k)
                            for k in experts])
-        teacher = self.teacher(experts, counts)
+        source = LabelledGenerator(self.generator) if c.distill_data == "generator" else None
+        teacher = self.teacher(experts, counts, source)
+        self.round_teacher = teacher if isinstance(teacher, LogitEnsemble) else None  # sample_label: needs labels
         losses: dict[str, list[float]] = {"generator_loss": [], "kd_loss": []}
         for a in self.archs:
             mine = [i for i in sorted(replies) if archs[i] == a]
@@ -226,7 +236,7 @@ class DisUEServer(ClusteredServer):
                     losses["kd_loss"].append(self.distill_public(self.universal[a], teacher, stream, student_optim))
                     continue
                 result = adversarial_distillation(
-                    self.generator, teacher, self.universal[a], steps=c.distill_steps,
+                    source, teacher, self.universal[a], steps=c.distill_steps,
                     generator_repeats=c.generator_steps, student_repeats=c.student_steps, batch_size=c.batch_size,
                     generator_optim=OptimOptions(lr=c.generator_lr), student_optim=student_optim, stream=stream,
                     adversarial_weight=c.adversarial_weight, kind="kl", ce_weight=c.ce_weight,
@@ -249,6 +259,10 @@ class DisUEServer(ClusteredServer):
         batches = IndexBatches(len(x), c.batch_size, steps=c.distill_steps * c.student_steps, generator=stream)
         return float(optimize(Objective(loss, student, optim, train=(student,), eval=(teacher,)), batches)["loss"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The default, less the round's teacher (a diagnostic, set again by every round)."""
+        return {k: v for k, v in super().state_dict().items() if k != "round_teacher"}
+
     def extra_models(self) -> dict[str, dict[int, torch.nn.Module]]:
         archs = self.setup.client_archs
         return {"global": {i: self.universal[archs[i]] for i in range(self.setup.num_clients)},
@@ -259,7 +273,8 @@ class DisUEServer(ClusteredServer):
             universal = {"global": self.universal[self.archs[0]]}
         else:
             universal = {f"global_{re.sub(r'[^0-9A-Za-z]', '_', a)}": self.universal[a] for a in self.archs}
-        return {**universal, **super().test_models()}
+        teacher = {"teacher": self.round_teacher} if self.round_teacher is not None else {}
+        return {**universal, **teacher, **super().test_models()}
 
     def visuals(self) -> dict[str, tuple[np.ndarray, list[str]]]:
         return class_samples(self.generator, self.setup) if self.config.distill_data == "generator" else {}
@@ -294,6 +309,9 @@ def check_disue(config: DisUEConfig, run: Any) -> None:
     if config.projection_dim is not None and config.clustering == "loss":
         raise FieldError("projection_dim", config.projection_dim, "sketches updates for cosine or kmeans clustering, "
                                                                   "not for 'loss'")
+    if config.distill_data == "public" and config.expert_weights == "sample_label":
+        raise FieldError("expert_weights", "sample_label", "weights experts by the class a sample was generated "
+                                                          "for: public inputs have none (use class, uniform or samples)")
     if config.distill_data == "public" and len(run.data.public) == 0:
         raise FieldError("distill_data", "public", "needs a public set (data.public_fraction > 0)")
     if config.distill_data == "generator":
