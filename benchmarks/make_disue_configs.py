@@ -18,7 +18,9 @@ Ablations (Fashion-MNIST alpha 0.1 unless named): ``uniform_experts`` (plain mea
 ``logit_class_experts`` (the per-class weights applied to each logit column instead of per sample),
 ``public_set`` (distillation on a public unlabeled set of 5 % of the data instead of the generator,
 with per-logit class weights: public inputs carry no generated label),
-``one_cluster`` (K = 1), ``two_architectures`` (half the clients an MLP: one universal expert per
+``one_cluster`` (K = 1), ``low_distill_lr`` (the universal expert's SGD at 0.001 instead of 0.01: the
+default's distillation moves the weights about as far as a round of local training), ``no_distillation``
+(the universal expert is the round's FedAvg; the cluster experts stay), ``two_architectures`` (half the clients an MLP: one universal expert per
 architecture, against the full run with cnn_small alone); on rotated MNIST ``projected_64`` and
 ``projected_512`` (clustering on CountSketches of the updates: what it costs in ARI against the full
 rotated-MNIST run).
@@ -59,6 +61,8 @@ ABLATIONS = {  # name -> (changes to the algorithm, changes to the rest of the c
     "logit_class_experts": ({"expert_weights": "class"}, {}),
     "public_set": ({"distill_data": "public", "expert_weights": "class"}, {"data": {"public_fraction": 0.05}}),
     "one_cluster": ({"num_clusters": 1}, {}),
+    "low_distill_lr": ({"distill_lr": 0.001}, {}),
+    "no_distillation": ({"distill_steps": 0}, {}),
     "two_architectures": ({}, {"models": {"clients": ["cnn_small", "mlp"]}}),
 }
 PROJECTIONS = (64, 512)

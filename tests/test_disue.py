@@ -238,3 +238,42 @@ def test_best_by_silhouette_finds_blobs_and_refuses_noise():
 def test_bad_inputs_fail_before_training_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         prepare(config(*overrides))
+
+
+# --- the comparison configs -----------------------------------------------------------------------------
+
+def test_comparison_configs_are_the_scripts_output_load_and_share_each_settings_sections(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_disue_configs", repo / "benchmarks" / "make_disue_configs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "rotated").mkdir()
+    shutil.copy(repo / "configs" / "clustered" / "rotated_mnist" / "fedavg.yaml", tmp_path / "rotated")
+    monkeypatch.setattr(script, "ROOT", tmp_path / "disue")
+    monkeypatch.setattr(script, "ROTATED", tmp_path / "rotated")
+    script.main()
+    shipped = repo / "configs" / "disue"
+    written = sorted(p.relative_to(tmp_path / "disue") for p in (tmp_path / "disue").rglob("*.yaml"))
+    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))  # nobody edited by hand
+    assert all((tmp_path / "disue" / p).read_text() == (shipped / p).read_text() for p in written)
+    for name in ("disue", "fedgen"):
+        assert (tmp_path / "rotated" / f"{name}.yaml").read_text() == \
+            (repo / "configs" / "clustered" / "rotated_mnist" / f"{name}.yaml").read_text()
+    settings = {p.parent for p in written if p.parts[0] != "ablations"}
+    assert len(settings) == 4
+    for setting in settings:
+        trees = {p.stem: yaml.safe_load((shipped / p).read_text()) for p in written if p.parent == setting}
+        assert set(trees) == {"disue", "local", "fedavg", "fedprox", "ifca", "cfl", "fesem", "pacfl", "fedgen"}
+        for method, tree in trees.items():
+            loaded = load_config(shipped / setting / f"{method}.yaml")  # validates every key, the method's too
+            assert loaded.algorithm["name"] == method and loaded.data.num_clients == 100
+            assert loaded.participation == 0.2
+            assert {k: tree[k] for k in ("data", "client", "models", "rounds")} == \
+                {k: trees["disue"][k] for k in ("data", "client", "models", "rounds")}
+    for path in (shipped / "ablations").glob("*.yaml"):
+        assert load_config(path).algorithm["name"] == "disue"
