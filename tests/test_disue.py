@@ -234,6 +234,8 @@ def test_best_by_silhouette_finds_blobs_and_refuses_noise():
     (["algorithm.distill_data=public"], "algorithm.expert_weights"),  # public inputs carry no generated label
     (["algorithm.similarity_threshold=0.5", "algorithm.num_clusters=2"], "algorithm.similarity_threshold"),
     (["algorithm.clustering=median"], "algorithm.clustering"),
+    (["algorithm.ce_weight=0", "algorithm.adversarial_weight=0", "algorithm.diversity_weight=0"],
+     "algorithm.ce_weight"),
 ])
 def test_bad_inputs_fail_before_training_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

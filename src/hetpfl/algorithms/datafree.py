@@ -1,6 +1,7 @@
 """Shared pieces of the data-free distillation baselines (no ``SPEC``).
 
 * :class:`GeneratorConfig`: the server generator's config keys (architecture, latent size, width);
+  :class:`AdversarialDistillationConfig` adds the keys of the adversarial distillation loop (FedFTG, DisUE);
 * :func:`generator_module`: its :class:`~hetpfl.models.ModuleSpec` for the run's data (outputs span
   the dataset's value range, ``models.generator_spec``);
 * :func:`check_generator`: the part of a spec's ``check_run`` that builds the generator once and
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..configuration import FieldError, Validated, option
+from ..configuration import FieldError, Validated, option, require
 from ..learn import arrays_to_state
 from ..models import ModuleSpec, available_architectures, generator_spec
 
@@ -36,6 +37,28 @@ class GeneratorConfig(Validated):
     generator_arch: str | None = option(None, choices=GENERATORS)  # None: dcgan_generator for images, else mlp
     latent_dim: int = option(32, ge=1)  # size of the code z
     generator_width: int = option(16, ge=1)  # ngf
+
+
+@dataclass
+class AdversarialDistillationConfig(GeneratorConfig):
+    """The server's adversarial distillation loop (``learn.adversarial_distillation``: FedFTG's schedule,
+    shared by FedFTG and DisUE): per iteration ``generator_steps`` generator updates, then
+    ``student_steps`` student updates on fresh samples. Defaults: FedFTG's paper, as recorded by a
+    reimplementation (I_g = 1, I_d = 5, loss weights 1, generator Adam 1e-2, KL at T = 1)."""
+
+    generator_steps: int = option(1, ge=1)  # I_g: generator updates per iteration
+    student_steps: int = option(5, ge=1)  # I_d: student updates per iteration
+    batch_size: int = option(64, ge=1)  # generated samples per update
+    generator_lr: float = option(1e-2, gt=0)  # Adam
+    ce_weight: float = option(1.0, ge=0)  # fidelity, CE(teacher(x), y)
+    adversarial_weight: float = option(1.0, ge=0)  # hard samples, −KL(teacher ‖ student)
+    diversity_weight: float = option(1.0, ge=0)
+    temperature: float = option(1.0, gt=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.ce_weight + self.adversarial_weight + self.diversity_weight > 0, "ce_weight", self.ce_weight,
+                "the generator needs a term: ce, adversarial or diversity weight > 0")
 
 
 def generator_module(config: GeneratorConfig, data: Any, *, conditional: bool) -> ModuleSpec:

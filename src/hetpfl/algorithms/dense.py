@@ -51,14 +51,11 @@ import torch
 
 from ..configuration import FieldError, option, require
 from ..learn import (
-    IndexBatches,
     LogitEnsemble,
-    Objective,
     OptimOptions,
     arrays_to_state,
     distill_on_generated,
-    distillation_kl,
-    optimize,
+    distill_on_inputs,
     state_to_arrays,
     train_generator_against,
 )
@@ -178,13 +175,9 @@ class DenseServer(Server):
                                           samples_per_generator=c.kd_batch_size, optim=kd_optim, stream=stream,
                                           loss="kl", temperature=c.temperature)
             else:
-                x, t = torch.from_numpy(self.pool), torch.from_numpy(self.pool_logits)
-
-                def loss(idx: torch.Tensor) -> torch.Tensor:
-                    return distillation_kl(student(x[idx]), t[idx], c.temperature).mean()
-
-                kd = optimize(Objective(loss, student, kd_optim, train=(student,)),
-                              IndexBatches(len(x), c.kd_batch_size, steps=steps, generator=stream))
+                kd = distill_on_inputs(student, torch.from_numpy(self.pool), torch.from_numpy(self.pool_logits),
+                                       steps=steps, batch_size=c.kd_batch_size, optim=kd_optim, stream=stream,
+                                       temperature=c.temperature)
         self.epochs_done += 1
         return float(gen["loss"]), float(kd["loss"])
 

@@ -26,12 +26,9 @@ Every round t (u_a: the universal expert of architecture a):
              against T and u_a (fidelity CE(T(x), y) − KL(T ‖ u_a) + diversity, FedFTG's loop), and
              ``student_steps`` SGD steps on KL(T(x) ‖ u_a(x)) on fresh samples of G
              (``distill_data: public``: on batches of the public inputs instead).
-Reported: u_a as ``global`` (each client's architecture's expert on its test split) and on the
-global test set (``global_test_acc``; ``global_<arch>_test_acc`` with several architectures); each
-client's cluster expert as ``cluster`` (``cluster_acc``) and every expert on the global test set
-(``cluster<k>_test_acc``); the round's teacher on the global test set (``teacher_test_acc``: what distillation aims at); the
-client's model after local training (the engine's own-model measure); the assignment (``cluster_ari``). With one cluster and ``distill_steps: 0`` a round is
-FedAvg's: the same training, the same average, the same accuracies.
+Reported (docs/disue.md): u_a as ``global``, the cluster experts as ``cluster`` and
+``cluster<k>_test_acc``, the round's teacher as ``teacher_test_acc``, the own models, the assignment.
+With one cluster and ``distill_steps: 0`` a round is FedAvg's, accuracy for accuracy.
 """
 
 from __future__ import annotations
@@ -45,13 +42,12 @@ import numpy as np
 import torch
 
 from ..configuration import FieldError, option
-from ..learn import (IndexBatches, LogitEnsemble, Objective, OptimOptions, adversarial_distillation, arrays_to_state,
-                     distillation_kl, optimize)
+from ..learn import LogitEnsemble, OptimOptions, adversarial_distillation, arrays_to_state, distill_on_inputs
 from ..messages import ArrayField, Message, Schema, StageSchema
 from .base import AlgorithmSpec, Client, ClientContext, Comm, ServerSetup, train_locally, weight_fields
 from .clustering import (LINKAGES, ClusteredServer, agglomerative, best_by_silhouette, check_num_clusters,
                          cluster_averages, cosine_similarity, kmeans, match_clusters)
-from .datafree import GeneratorConfig, check_generator, class_samples, class_shares, generator_module
+from .datafree import AdversarialDistillationConfig, check_generator, class_samples, class_shares, generator_module
 from .fedftg import LabelledGenerator, SampleLabelEnsemble
 from .ifca import lowest_loss, pack_models, unpack_models
 from .weights import count_sketch, flat_weights, load_shared, shared_arrays, weight_distance_matrix, weighted_average
@@ -63,7 +59,7 @@ DISTILL_DATA = ("generator", "public")
 
 
 @dataclass
-class DisUEConfig(GeneratorConfig):
+class DisUEConfig(AdversarialDistillationConfig):  # + the generator loop's keys (FedFTG's)
     clustering: str = option("cosine", choices=CLUSTERINGS)
     num_clusters: int | None = option(None, ge=1)  # K per architecture; None: by silhouette (loss needs K)
     similarity_threshold: float | None = option(None, ge=-1, le=1)  # cosine: cut where linkage cosine < this
@@ -77,15 +73,7 @@ class DisUEConfig(GeneratorConfig):
     student_init: str = option("average", choices=STUDENT_INITS)  # previous: u_a of the last round
     distill_data: str = option("generator", choices=DISTILL_DATA)
     distill_steps: int = option(10, ge=0)  # iterations per round and architecture (0: no distillation)
-    generator_steps: int = option(1, ge=1)
-    student_steps: int = option(5, ge=1)
-    batch_size: int = option(64, ge=1)  # generated (or public) samples per update
-    generator_lr: float = option(1e-2, gt=0)  # Adam
-    distill_lr: float = option(0.01, gt=0)  # SGD on the universal expert
-    ce_weight: float = option(1.0, ge=0)  # generator: fidelity CE(T(x), y)
-    adversarial_weight: float = option(1.0, ge=0)  # generator: −KL(T ‖ u_a), hard samples
-    diversity_weight: float = option(1.0, ge=0)
-    temperature: float = option(1.0, gt=0)
+    distill_lr: float = option(0.01, gt=0)  # SGD on the universal expert (FedFTG's fine-tuning)
 
 
 def model_arrays(message: Message) -> dict[str, np.ndarray]:
@@ -250,14 +238,11 @@ class DisUEServer(ClusteredServer):
                        optim: OptimOptions) -> float:
         """KL(T(x) ‖ u_a(x)) on batches of the public inputs (as many updates as the generator path)."""
         c, x = self.config, torch.tensor(self.setup.public_inputs)  # a copy: the inputs are read-only
-
-        def loss(idx: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                target = teacher(x[idx])
-            return distillation_kl(student(x[idx]), target, c.temperature).mean()
-
-        batches = IndexBatches(len(x), c.batch_size, steps=c.distill_steps * c.student_steps, generator=stream)
-        return float(optimize(Objective(loss, student, optim, train=(student,), eval=(teacher,)), batches)["loss"])
+        with torch.no_grad():
+            targets = teacher(x)
+        return float(distill_on_inputs(student, x, targets, steps=c.distill_steps * c.student_steps,
+                                       batch_size=c.batch_size, optim=optim, stream=stream,
+                                       temperature=c.temperature)["loss"])
 
     def state_dict(self) -> dict[str, Any]:
         """The default, less the round's teacher (a diagnostic, set again by every round)."""

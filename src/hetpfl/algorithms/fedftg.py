@@ -47,11 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..configuration import option, require
+from ..configuration import option
 from ..learn import LogitEnsemble, OptimOptions, adversarial_distillation
 from ..messages import ArrayField, Message, Schema, StageSchema
 from .base import AlgorithmSpec, ClientContext, Comm, ServerSetup, weight_fields
-from .datafree import GeneratorConfig, check_generator, class_samples, class_shares, frozen_copies, generator_module
+from .datafree import (AdversarialDistillationConfig, check_generator, class_samples, class_shares, frozen_copies,
+                       generator_module)
 from .fedavg import FedAvgClient, FedAvgServer
 from .weights import shared_arrays
 
@@ -60,24 +61,11 @@ FINETUNE_OPTIMIZERS = ("sgd", "client")
 
 
 @dataclass
-class FedFTGConfig(GeneratorConfig):
+class FedFTGConfig(AdversarialDistillationConfig):  # + generator_steps (I_g), student_steps (I_d), batch, weights
     steps: int = option(10, ge=0)  # I: fine-tuning iterations per round (0: FedAvg)
-    generator_steps: int = option(1, ge=1)  # I_g: generator updates per iteration
-    student_steps: int = option(5, ge=1)  # I_d: global-model updates per iteration
-    batch_size: int = option(64, ge=1)  # generated samples per update
-    generator_lr: float = option(1e-2, gt=0)  # Adam
     finetune_optimizer: str = option("sgd", choices=FINETUNE_OPTIMIZERS)  # sgd (paper) or the clients' options
     finetune_lr: float | None = option(0.01, gt=0)  # the paper's 0.01 with SGD; None: the clients' lr
-    ce_weight: float = option(1.0, ge=0)  # fidelity, CE(D̃(x), y)
-    adversarial_weight: float = option(1.0, ge=0)  # hard-sample term, −KL(D̃ ‖ f_w)
-    diversity_weight: float = option(1.0, ge=0)
-    temperature: float = option(1.0, gt=0)
     ensemble_weights: str = option("sample_label", choices=ENSEMBLE_WEIGHTS)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.ce_weight + self.adversarial_weight + self.diversity_weight > 0, "ce_weight", self.ce_weight,
-                "the generator needs a term: ce, adversarial or diversity weight > 0")
 
 
 class LabelledGenerator(nn.Module):

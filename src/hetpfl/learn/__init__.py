@@ -11,7 +11,7 @@ with them, so no DataLoader overhead on small models. All shuffling and noise dr
 - :mod:`.batches`: batch sources (index batches over a dataset, sampled synthetic batches);
 - :mod:`.loop`: ``optimize`` over ``Objective`` s, the one loop;
 - :mod:`.supervised`: ``fit`` and ``distill``; :mod:`.inference`: ``predict_*`` and ``evaluate``;
-- :mod:`.generative`: ``train_gan``, ``train_generator_against``, ``distill_on_generated``,
+- :mod:`.generative`: ``train_gan``, ``train_generator_against``, ``distill_on_generated``, ``distill_on_inputs``,
   ``adversarial_distillation`` and the ``LogitEnsemble`` teacher;
 - :mod:`.tensors`: array → tensor conversion and augmentation; :mod:`.weights`: weights as arrays.
 """
@@ -22,6 +22,7 @@ from .generative import (
     LogitEnsemble,
     adversarial_distillation,
     distill_on_generated,
+    distill_on_inputs,
     train_gan,
     train_generator_against,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "disagreement",
     "distill",
     "distill_on_generated",
+    "distill_on_inputs",
     "distillation_kl",
     "evaluate",
     "fit",

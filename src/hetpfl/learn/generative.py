@@ -6,6 +6,7 @@
   disagreement (DENSE, FedFTG, DFRD);
 - :func:`distill_on_generated`: a teacher distilled into a student on samples of one or several
   generators (Mosaic's KD step; DENSE's, FedFTG's and DFRD's student step);
+- :func:`distill_on_inputs`: fixed inputs with their teacher logits (DENSE's pool, a public set);
 - :func:`adversarial_distillation`: the last two alternating in one loop (one optimizer each, kept
   across steps), the schedule of FedFTG and DFRD.
 
@@ -52,6 +53,7 @@ __all__ = [
     "LogitEnsemble",
     "adversarial_distillation",
     "distill_on_generated",
+    "distill_on_inputs",
     "train_gan",
     "train_generator_against",
 ]
@@ -432,6 +434,28 @@ def distill_on_generated(
     batches = SampledBatches(
         lambda _step: _generated_batch(gens, teacher, samples_per_generator, stream, labels, device), steps)
     return optimize(objective, batches)
+
+
+def distill_on_inputs(
+    student: nn.Module,
+    x: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    optim: OptimOptions = OptimOptions(lr=0.005, optimizer="sgd", momentum=0.9),
+    stream: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Distill fixed targets into ``student``: ``steps`` steps of T²·KL(σ(t/T) ‖ σ(s/T)) on shuffled
+    batches of the inputs ``x`` and their teacher logits (a pool of generated samples, DENSE; a
+    public set, DisUE), the student in train mode. Returns ``{"loss", "steps"}``."""
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        return distillation_kl(student(x[idx]), teacher_logits[idx], temperature).mean()
+
+    return optimize(Objective(loss, student, optim, train=(student,)),
+                    IndexBatches(len(x), batch_size, steps=steps, generator=stream))
 
 
 def adversarial_distillation(
