@@ -44,12 +44,13 @@ import torch
 from ..configuration import FieldError, option
 from ..learn import LogitEnsemble, OptimOptions, adversarial_distillation, arrays_to_state, distill_on_inputs
 from ..messages import ArrayField, Message, Schema, StageSchema
+from ..models import BUILT_FROM, ModuleSpec
 from .base import AlgorithmSpec, Client, ClientContext, Comm, ServerSetup, train_locally, weight_fields
 from .clustering import (LINKAGES, ClusteredServer, agglomerative, best_by_silhouette, check_num_clusters,
                          cluster_averages, cosine_similarity, kmeans, match_clusters)
 from .datafree import AdversarialDistillationConfig, check_generator, class_samples, class_shares, generator_module
 from .fedftg import LabelledGenerator, SampleLabelEnsemble
-from .ifca import lowest_loss, pack_models, unpack_models
+from .ifca import checked_choice, lowest_loss, pack_models, unpack_models
 from .weights import count_sketch, flat_weights, load_shared, shared_arrays, weight_distance_matrix, weighted_average
 
 CLUSTERINGS = ("cosine", "kmeans", "loss")
@@ -86,8 +87,7 @@ class DisUEServer(ClusteredServer):
         super().__init__(config, setup)
         self.archs = list(dict.fromkeys(setup.client_archs))  # in order of first appearance
         self.universal = {a: setup.build_model(a, "global") for a in self.archs}  # FedAvg's start
-        self.expert_arch: dict[int, str] = {}
-        self.next_id = 0
+        self.next_id = 0  # the id of the next new cluster (ids are never reused)
         self.round_teacher: LogitEnsemble | None = None  # this round's teacher, scored if the round is evaluated
         if config.distill_data == "generator":
             spec = generator_module(config, setup, conditional=True)
@@ -96,11 +96,16 @@ class DisUEServer(ClusteredServer):
             for a in self.archs:
                 for _ in range(config.num_clusters):
                     self.models[self.next_id] = self.new_model(f"expert-{self.next_id}", a)
-                    self.expert_arch[self.next_id] = a
                     self.next_id += 1
 
+    @property
+    def expert_arch(self) -> dict[int, str]:
+        """Each expert's architecture (read from how its module was built)."""
+        specs = {ModuleSpec.parse(a): a for a in self.archs}
+        return {k: specs[getattr(m, BUILT_FROM)] for k, m in self.models.items()}
+
     def experts_of(self, arch: str) -> list[int]:
-        return [k for k in sorted(self.models) if self.expert_arch[k] == arch]
+        return [k for k, a in sorted(self.expert_arch.items()) if a == arch]
 
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
         replies = comm.ask("train", self.messages(rnd, clients))
@@ -109,12 +114,12 @@ class DisUEServer(ClusteredServer):
         labels = self.cluster(rnd, replies)  # step 2: clusters ...
         states = {c: model_arrays(r) for c, r in replies.items()}
         sizes = {c: float(r.scalars["num_examples"]) for c, r in replies.items()}
+        arch = {k: self.setup.client_archs[c] for c, k in labels.items()}  # clusters form within an architecture
         for k, arrays in cluster_averages(states, sizes, labels).items():  # ... and their experts
-            self.set_model(k, arrays, self.expert_arch[k])
+            self.set_model(k, arrays, arch[k])
         if self.config.clustering != "loss":  # an expert no client holds any more is dropped
             held = {int(k) for k in self.assignment if k >= 0}
             self.models = {k: m for k, m in self.models.items() if k in held}
-            self.expert_arch = {k: a for k, a in self.expert_arch.items() if k in held}
         measures = {"num_clusters": float(len(set(labels.values())))}
         measures.update(self.distill(rnd, replies, labels, states, sizes))  # step 3
         return measures
@@ -140,25 +145,16 @@ class DisUEServer(ClusteredServer):
                 continue
             if self.config.clustering == "loss":
                 experts = self.experts_of(a)
-                labels.update({c: experts[self.choice(c, replies[c], len(experts))] for c in ids})
+                labels.update({c: experts[checked_choice(c, replies[c], len(experts))] for c in ids})
                 continue
             local = self.partition(rnd, a, ids, replies)
             mapping = match_clusters(self.assignment[ids], local)
-            for j in sorted(set(local.tolist())):
-                if j not in mapping:
-                    mapping[j] = self.next_id
-                    self.next_id += 1
-                self.expert_arch[mapping[j]] = a
+            for j in sorted(set(local.tolist()) - set(mapping)):
+                mapping[j] = self.next_id
+                self.next_id += 1
             labels.update({c: mapping[int(j)] for c, j in zip(ids, local)})
         self.assignment[list(labels)] = list(labels.values())
         return labels
-
-    @staticmethod
-    def choice(client: int, reply: Message, count: int) -> int:
-        j = int(reply.scalars["cluster"])
-        if not 0 <= j < count:
-            raise ValueError(f"DisUE: client {client} chose expert {j}, not one of 0..{count - 1}")
-        return j
 
     def partition(self, rnd: int, arch: str, ids: list[int], replies: dict[int, Message]) -> np.ndarray:
         """Cluster labels 0..K-1 of one architecture's uploads (cosine or k-means)."""
@@ -168,7 +164,6 @@ class DisUEServer(ClusteredServer):
         else:
             start = flat_weights(shared_arrays(self.universal[arch]))
             points = np.stack([flat_weights(model_arrays(replies[i])) - start for i in ids])
-        k_max = min(c.max_clusters, len(ids))
         if c.clustering == "cosine":
             dist = 1.0 - cosine_similarity(points)
             if c.num_clusters is not None:
@@ -186,7 +181,7 @@ class DisUEServer(ClusteredServer):
 
             def split(k: int) -> np.ndarray:
                 return kmeans(points, k, rng, restarts=c.kmeans_restarts)[0]
-        return best_by_silhouette(dist, split, k_max, c.min_silhouette).labels
+        return best_by_silhouette(dist, split, c.max_clusters, c.min_silhouette).labels
 
     def teacher(self, experts: list[int], counts: np.ndarray, source: LabelledGenerator | None = None
                 ) -> torch.nn.Module:

@@ -83,10 +83,8 @@ class IFCAServer(ClusteredServer):
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
         package = pack_models([self.weights(k) for k in range(self.config.num_clusters)])
         replies = comm.ask("train", {c: Message(dict(package)) for c in clients})
-        choices = {c: int(r.scalars.get("cluster", 0)) for c, r in replies.items()}
+        choices = {c: checked_choice(c, r, self.config.num_clusters) for c, r in replies.items()}
         for c, j in choices.items():
-            if not 0 <= j < self.config.num_clusters:
-                raise ValueError(f"IFCA: client {c} chose cluster {j}, not one of 0..{self.config.num_clusters - 1}")
             self.assignment[c] = j
         if replies:
             self.aggregate(replies, choices)
@@ -104,6 +102,15 @@ class IFCAClient(FedAvgClient):
             reply.scalars["cluster"] = choice
         return reply
 
+
+
+def checked_choice(client: int, reply: Message, count: int) -> int:
+    """The model index a client reports as ``cluster`` (0 when it had nothing to choose), checked
+    against the ``count`` models it was sent."""
+    j = int(reply.scalars.get("cluster", 0))
+    if not 0 <= j < count:
+        raise ValueError(f"client {client} chose model {j}, not one of 0..{count - 1}")
+    return j
 
 
 def lowest_loss(models: list[dict[str, np.ndarray]], ctx: ClientContext, samples: int | None = None) -> int:
