@@ -39,6 +39,7 @@ from hetpfl.models import (
     ARCHITECTURES,
     BUILT_FROM,
     AUXILIARY_ARCHITECTURES,
+    VLM_ARCHITECTURES,
     Discriminator,
     Generator,
     ModuleSpec,
@@ -86,7 +87,8 @@ def test_registry_kinds_and_client_selection():
     assert available_architectures() == list(ARCHITECTURES)  # classifiers, as before
     assert available_architectures("generator") == ["dcgan_generator", "mlp_generator"]
     assert available_architectures("discriminator") == ["dcgan_discriminator", "mlp_discriminator"]
-    assert set(available_architectures(None)) == set(ARCHITECTURES) | set(AUXILIARY_ARCHITECTURES)
+    assert set(available_architectures(None)) == set(ARCHITECTURES) | set(AUXILIARY_ARCHITECTURES) | set(
+        VLM_ARCHITECTURES)
     assert all(spec.kind in ("generator", "discriminator", "teacher") for spec in AUXILIARY_ARCHITECTURES.values())
     assert available_architectures("teacher") == ["moe_meta"]
     with pytest.raises(ValueError, match="kind"):

@@ -86,7 +86,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from .algorithms import ALGORITHMS  # noqa: PLC0415
     from .data import DATASETS, DRIFT_SCHEMES, PARTITIONERS  # noqa: PLC0415
-    from .models import ARCHITECTURES, AUXILIARY_ARCHITECTURES  # noqa: PLC0415
+    from .models import ARCHITECTURES, AUXILIARY_ARCHITECTURES, VLM_ARCHITECTURES  # noqa: PLC0415
 
     print("algorithms:")
     for name, spec in sorted(ALGORITHMS.items()):
@@ -98,6 +98,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("modules methods build (generators, discriminators, teachers):")
     for name, arch in sorted(AUXILIARY_ARCHITECTURES.items()):
         print(f"  {name:20s} [{arch.kind}] {arch.description}")
+    print("vision-language models (LoRA clients of the multi-modal benchmark):")
+    for name, arch in VLM_ARCHITECTURES.items():
+        print(f"  {name:14s} {arch.description}")
     print("datasets:    " + ", ".join(DATASETS))
     print("partitions:  " + ", ".join(PARTITIONERS))
     print("drift:       " + ", ".join(DRIFT_SCHEMES))

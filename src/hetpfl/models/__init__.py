@@ -8,11 +8,14 @@ builds the generators and discriminators of :mod:`.generative` (``AUXILIARY_ARCH
 from .base import INPUT_KINDS
 from .generative import Discriminator, Generator
 from .teachers import MetaModel, MixtureTeacher
+from .lora import GATES, LoRALinear, adapter_state, add_lora, load_adapter_state, lora_layers, trainable_parameters
+from .vlm import VisionLanguageModel, greedy_answer
 from .registry import (
     ARCHITECTURE_KINDS,
     ARCHITECTURES,
     BUILT_FROM,
     AUXILIARY_ARCHITECTURES,
+    VLM_ARCHITECTURES,
     ArchSpec,
     HetModel,
     ModuleSpec,
@@ -38,6 +41,15 @@ from .width import (
 )
 
 __all__ = [
+    "GATES",
+    "LoRALinear",
+    "adapter_state",
+    "add_lora",
+    "load_adapter_state",
+    "lora_layers",
+    "trainable_parameters",
+    "VisionLanguageModel",
+    "greedy_answer",
     "MetaModel",
     "MixtureTeacher",
     "WIDTH_MODES",
@@ -53,6 +65,7 @@ __all__ = [
     "BUILT_FROM",
     "Discriminator",
     "AUXILIARY_ARCHITECTURES",
+    "VLM_ARCHITECTURES",
     "Generator",
     "INPUT_KINDS",
     "ArchSpec",

@@ -18,7 +18,8 @@ are not counted. For ``mlp`` with input size ``D`` and ``C`` classes that is exa
 
 Kinds (:attr:`ArchSpec.kind`): :data:`ARCHITECTURES` holds the classifiers (what ``models.clients``
 picks from); :data:`AUXILIARY_ARCHITECTURES` the generators and discriminators of
-:mod:`.generative` (``kind="generator"``/``"discriminator"``). One :func:`build_model` builds every
+:mod:`.generative` (``kind="generator"``/``"discriminator"``) and Mosaic's meta model;
+:data:`VLM_ARCHITECTURES` the vision-language models of :mod:`.vlm` (``kind="vlm"``). One :func:`build_model` builds every
 kind from the dataset's ``input_shape`` and ``num_classes``: a generator produces inputs of that
 shape, a discriminator reads them. Generators and discriminators use DCGAN's initialization.
 """
@@ -39,12 +40,14 @@ from .archs import MLP, MobileNetSmall, PlainCNN, ResNetSmall, VGGSmall
 from .base import HetModel, parse_input_shape
 from .generative import DCGANDiscriminator, DCGANGenerator, Generator, MLPDiscriminator, MLPGenerator
 from .teachers import MetaModel
+from .vlm import VLM_FAMILIES, VLM_SIZES, VisionLanguageModel
 
 __all__ = [
     "ARCHITECTURES",
     "ARCHITECTURE_KINDS",
     "BUILT_FROM",
     "AUXILIARY_ARCHITECTURES",
+    "VLM_ARCHITECTURES",
     "ArchSpec",
     "ModuleSpec",
     "HetModel",
@@ -143,7 +146,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 #: The kinds of module the registry builds (:attr:`ArchSpec.kind`).
-ARCHITECTURE_KINDS = ("classifier", "generator", "discriminator", "teacher")
+ARCHITECTURE_KINDS = ("classifier", "generator", "discriminator", "teacher", "vlm")
 
 AUXILIARY_ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
@@ -168,8 +171,18 @@ AUXILIARY_ARCHITECTURES: dict[str, ArchSpec] = {
                  ("image", "vector", "tokens"), kind="teacher"),
     )
 }
+_VLM_BLOCKS = {"llama": "Llama-style blocks (RMSNorm, SwiGLU, rotary positions)",
+               "gpt": "GPT-2-style blocks (LayerNorm, GELU, learned positions)"}
+#: Vision-language models (:mod:`.vlm`): ``input_shape`` is one image's, ``num_classes`` the vocabulary.
+VLM_ARCHITECTURES: dict[str, ArchSpec] = {
+    f"vlm_{family}_{size}": ArchSpec(
+        f"vlm_{family}_{size}", f"vlm_{family}",
+        f"vision-language model: conv image encoder -> projector -> {_VLM_BLOCKS[family]}, "
+        f"width {dims.width}, {dims.depth} blocks, {dims.heads} heads", ("image",), kind="vlm")
+    for family in VLM_FAMILIES for size, dims in VLM_SIZES.items()
+}
 assert not AUXILIARY_ARCHITECTURES.keys() & ARCHITECTURES.keys()
-_ALL = {**ARCHITECTURES, **AUXILIARY_ARCHITECTURES}
+_ALL = {**ARCHITECTURES, **AUXILIARY_ARCHITECTURES, **VLM_ARCHITECTURES}
 assert all(spec.kind in ARCHITECTURE_KINDS for spec in _ALL.values())
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -189,6 +202,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "dcgan_discriminator": functools.partial(DCGANDiscriminator, arch="dcgan_discriminator"),
     "mlp_discriminator": functools.partial(MLPDiscriminator, arch="mlp_discriminator"),
     "moe_meta": functools.partial(MetaModel, arch="moe_meta"),
+    **{name: functools.partial(VisionLanguageModel, family=name.split("_")[1], size=name.split("_")[2], arch=name)
+       for name in VLM_ARCHITECTURES},
 }
 assert _BUILDERS.keys() == _ALL.keys()
 

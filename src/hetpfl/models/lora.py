@@ -1,0 +1,194 @@
+"""LoRA on any ``nn.Module``: every ``nn.Linear`` in a scope becomes a :class:`LoRALinear`.
+
+``y = W x + b + (α / r) · B A dropout(x)`` with ``W, b`` frozen, ``A`` (r × d_in, Kaiming-uniform) and
+``B`` (d_out × r, zeros, so the adapted model starts equal to the base model) trained.
+
+**Dual modules** (FedMosaic, FedDPA, FedDAT): each layer holds a frozen ``global`` adapter and a
+trainable ``local`` one, mixed by a gate β̃ ∈ (0, 1):
+``y = W x + b + (α / r) · [β̃ · B_g A_g x + (1 − β̃) · B_l A_l x]``. Gates (:data:`GATES`):
+
+* ``"scalar"`` — the paper's β̃ = σ(β), one learnable β per layer (initialised 0: β̃ = ½);
+* ``"input"`` — the official code's input-conditioned gate: β̃ = σ(mean over tokens of x·w_gate
+  (+ noise of std softplus(x·w_noise) in training)), ``w_gate``/``w_noise`` ∈ R^{d_in} initialised 0.
+
+Only adapter tensors travel: :func:`adapter_state` returns the named tensors of one adapter (or the
+gates), :func:`load_adapter_state` writes them back into either adapter, so a client can upload its
+``local`` adapter and receive a ``global`` one. The base model's weights never leave.
+
+Works on our :class:`~hetpfl.models.vlm.VisionLanguageModel` (scope ``language``, ``lm_head``
+excluded, from the model's ``lora_scope``/``lora_exclude``) and on Hugging Face ``transformers``
+models (pass ``scope="model"`` for a ``*ForCausalLM``; see ``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ADAPTERS", "GATES", "LoRALinear", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
+           "trainable_parameters"]
+
+#: The adapters of a dual layer: ``local`` (trained, uploaded) and ``global`` (received, frozen).
+ADAPTERS = ("local", "global")
+#: How a dual layer mixes its two adapters (module docstring).
+GATES = ("scalar", "input")
+
+
+class LoRAAdapter(nn.Module):
+    """One low-rank update ``B A x`` (without the scale)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and peft's) draw for A
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus one adapter (``local``) or two mixed by a gate (module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dual: bool = False,
+                 gate: str = "scalar", gate_noise: bool = True) -> None:
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.rank, self.scale = rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        names = ADAPTERS if dual else ADAPTERS[:1]
+        self.adapters = nn.ModuleDict({n: LoRAAdapter(base.in_features, base.out_features, rank) for n in names})
+        self.gate_kind = gate if dual else None
+        self.gate_noise = gate_noise
+        if dual:
+            self.adapters["global"].requires_grad_(False)
+            if gate == "scalar":
+                self.beta = nn.Parameter(torch.zeros(()))
+            else:
+                self.w_gate = nn.Parameter(torch.zeros(base.in_features))
+                self.w_noise = nn.Parameter(torch.zeros(base.in_features))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:  # callers that read a Linear's weight (e.g. tied heads) still can
+        return self.base.weight
+
+    def gate(self, x: Tensor) -> Tensor:
+        """β̃, the global adapter's share: a scalar, or one value per sample (broadcast over tokens)."""
+        if self.gate_kind == "scalar":
+            return torch.sigmoid(self.beta)
+        logit = x @ self.w_gate
+        if self.training and self.gate_noise:
+            logit = logit + torch.randn_like(logit) * F.softplus(x @ self.w_noise)
+        per_sample = logit.mean(dim=-1) if x.dim() > 2 else logit  # mean over tokens
+        return torch.sigmoid(per_sample).reshape(-1, *([1] * (x.dim() - 1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dropout(x)
+        if self.gate_kind is None:
+            return self.base(x) + self.scale * self.adapters["local"](h)
+        beta = self.gate(x)
+        mixed = beta * self.adapters["global"](h) + (1 - beta) * self.adapters["local"](h)
+        return self.base(x) + self.scale * mixed
+
+
+def _resolve(model: nn.Module, scope: str | None) -> tuple[nn.Module, str]:
+    scope = scope if scope is not None else getattr(model, "lora_scope", "")
+    root = model.get_submodule(scope) if scope else model
+    return root, scope
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, *, dual: bool = False,
+             gate: str = "scalar", gate_noise: bool = True, scope: str | None = None,
+             exclude: tuple[str, ...] | None = None) -> list[str]:
+    """Replace every ``nn.Linear`` under ``scope`` (a submodule path; default the model's
+    ``lora_scope``, else the whole model) whose name matches none of the ``exclude`` regexes
+    (default the model's ``lora_exclude``, else ``("lm_head",)``) by a :class:`LoRALinear`, in place,
+    and freeze everything else in ``model``. Returns the adapted layers' names (relative to ``model``).
+    Raises ``ValueError`` for a bad rank/alpha/dropout/gate or a scope with no linear layer."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if gate not in GATES:
+        raise ValueError(f"LoRA gate {gate!r} is not one of {', '.join(GATES)}")
+    root, scope = _resolve(model, scope)
+    exclude = exclude if exclude is not None else getattr(model, "lora_exclude", ("lm_head",))
+    patterns = [re.compile(p) for p in exclude]
+    targets = [(name, m) for name, m in root.named_modules()
+               if isinstance(m, nn.Linear) and not any(p.search(name) for p in patterns)]
+    if not targets:
+        raise ValueError(f"LoRA: no nn.Linear under scope {scope or '<model>'!r} outside {list(exclude)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, LoRALinear(linear, rank, alpha, dropout, dual=dual, gate=gate, gate_noise=gate_noise))
+    prefix = f"{scope}." if scope else ""
+    return [prefix + name for name, _ in targets]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's adapted layers by name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _check_which(which: str) -> None:
+    if which not in (*ADAPTERS, "gate"):
+        raise ValueError(f"adapter {which!r} is not one of {', '.join((*ADAPTERS, 'gate'))}")
+
+
+def adapter_state(model: nn.Module, which: str = "local") -> dict[str, Tensor]:
+    """Copies of one adapter's tensors (``"local"``, ``"global"``) or of the gates (``"gate"``),
+    keyed ``<layer>.lora_A``/``<layer>.lora_B`` (``<layer>.<gate parameter>``): what a client sends."""
+    _check_which(which)
+    out: dict[str, Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        if which == "gate":
+            out.update({f"{name}.{k}": v.detach().clone() for k, v in layer.named_parameters(recurse=False)})
+        elif which in layer.adapters:
+            out.update({f"{name}.{k}": v.detach().clone() for k, v in layer.adapters[which].named_parameters()})
+    if not out:
+        raise ValueError(f"the model has no {which!r} adapter tensors (add_lora with dual=True for 'global'/'gate')")
+    return out
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, state: dict[str, Tensor], which: str = "local") -> None:
+    """Write ``state`` (keys as :func:`adapter_state` gives them) into adapter ``which`` (or the
+    gates). Every key must match a tensor of the same shape, and every tensor must be given."""
+    own = adapter_state(model, which)
+    if own.keys() != state.keys():
+        missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        raise ValueError(f"adapter state for {which!r} does not match the model: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    layers = lora_layers(model)
+    for key, value in state.items():
+        layer_name, _, param = key.rpartition(".")
+        layer = layers[layer_name]
+        target = getattr(layer, param) if which == "gate" else getattr(layer.adapters[which], param)
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"adapter tensor {key!r}: shape {tuple(value.shape)}, the model's is {tuple(target.shape)}")
+        target.copy_(value)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters local training updates (after :func:`add_lora`: the local adapters and gates)."""
+    return [p for p in model.parameters() if p.requires_grad]
