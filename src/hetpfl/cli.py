@@ -78,9 +78,70 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from .data import dataset_info  # noqa: PLC0415
 
+    if args.name.lower() == "hetvqa":
+        return _hetvqa_info(args.data_dir)
     info = dataset_info(args.name, args.data_dir)
     print(json.dumps(info, indent=2, default=str))
     return 0 if info.get("found", True) else 1
+
+
+def _hetvqa_info(data_dir: str | None) -> int:
+    """HetVQA is built from other datasets: where each source is, and where the backbones are."""
+    from .backbones import backbone_dir, cached_backbones  # noqa: PLC0415
+    from .data import dataset_info  # noqa: PLC0415
+    from .data.hetvqa import SOURCES, TASKS  # noqa: PLC0415
+
+    sources = {name: dataset_info(name, data_dir) for name in SOURCES}
+    info = {
+        "benchmark": "hetvqa (hetpfl's multi-modal, multi-task benchmark; docs/benchmarks.md)",
+        "tasks": len(TASKS),
+        "image_sources": {name: {"found": i.get("found", True), "origin": i.get("origin")} for name, i in sources.items()},
+        "backbone_dir": str(backbone_dir()),
+        "pretrained_backbones": cached_backbones(),
+    }
+    print(json.dumps(info, indent=2, default=str))
+    return 0 if all(i.get("found", True) for i in sources.values()) else 1
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: PLC0415
+
+    from .backbones import PretrainRecipe, backbone_path, mean_score, pretrained_backbone  # noqa: PLC0415
+    from .data.hetvqa import SOURCES, load_image_pool  # noqa: PLC0415
+    from .models import VLM_ARCHITECTURES  # noqa: PLC0415
+
+    archs = list(VLM_ARCHITECTURES) if args.arch == ["all"] else args.arch
+    for arch in archs:
+        if arch not in VLM_ARCHITECTURES:
+            raise ConfigError(f"pretrain: {arch!r} is not a vision-language model; models: all, "
+                              + ", ".join(VLM_ARCHITECTURES))
+    try:
+        recipe = PretrainRecipe(**{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                                      ("lr", args.lr)) if v is not None},
+                                sources=tuple(args.sources.split(",")) if args.sources else SOURCES)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    console = Console(stderr=True)
+    pool = None
+    for arch in archs:
+        path = backbone_path(arch, recipe, args.seed)
+        if path.exists() and not args.force:
+            console.print(f"{arch}: cached at {path}")
+            continue
+        path.unlink(missing_ok=True)  # --force: train again, then cache the new weights
+        pool = pool or load_image_pool(recipe.sources, args.data_dir)
+        with Progress(TextColumn(f"[bold]{arch}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=console) as progress:
+            task = progress.add_task(arch, total=recipe.steps, loss="-")
+            model = pretrained_backbone(arch, recipe, args.seed, pool=pool, use_cache=True, data_dir=args.data_dir,
+                                        progress=lambda step, total, loss, task=task: progress.update(
+                                            task, completed=step, loss=f"{loss:.3f}"))
+        meta = model.pretraining
+        console.print(f"{arch}: {meta['seconds']}s, test exact match {100 * mean_score(meta):.1f}% "
+                      f"(pretraining mix) -> {path}")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -128,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("name")
     info.add_argument("--data-dir")
     info.set_defaults(func=_cmd_data_info)
+    pre = sub.add_parser("pretrain", help="pretrain vision-language backbones on HetVQA's mix (cached)")
+    pre.add_argument("arch", nargs="+", help="vlm_* architectures, or 'all'")
+    pre.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    pre.add_argument("--batch-size", type=int)
+    pre.add_argument("--lr", type=float)
+    pre.add_argument("--sources", help="comma-separated image sources (default: all)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--data-dir")
+    pre.add_argument("--force", action="store_true", help="train again even when cached")
+    pre.set_defaults(func=_cmd_pretrain)
     lst = sub.add_parser("list", help="registered algorithms, architectures, datasets and partitions")
     lst.set_defaults(func=_cmd_list)
     return parser

@@ -164,20 +164,21 @@ class LanguageModel(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Three stride-2 3x3 convs (32, 64, ``dim`` channels, GELU), then an average pool to a
-    ``grid x grid`` map: ``grid ** 2`` tokens of width ``dim`` per image."""
+    """Three stride-2 3x3 convs (32, 64, ``dim`` channels; GroupNorm + GELU), an average pool to a
+    ``grid x grid`` map, and a LayerNorm: ``grid ** 2`` tokens of width ``dim`` per image. (Without
+    the norms, default-initialised convs give tokens that barely differ between images, and the
+    language model learns to ignore them.)"""
 
     def __init__(self, in_channels: int, dim: int, grid: int) -> None:
         super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, dim, 3, stride=2, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(grid),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((in_channels, 32), (32, 64), (64, dim)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.GELU()]
+        self.convs = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid))
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.convs(images).flatten(2).transpose(1, 2)  # (N, grid*grid, dim)
+        return self.norm(self.convs(images).flatten(2).transpose(1, 2))  # (N, grid*grid, dim)
 
 
 class VisionLanguageModel(nn.Module):

@@ -1,0 +1,216 @@
+"""HetVQA scenarios (data files) and their schedule: which examples reach which client in which round,
+and the per-client replay memory training batches are drawn from.
+
+A scenario file (YAML) names its clients, each with a model and its tasks in order::
+
+    name: homo_dynamic
+    mode: dynamic          # or static
+    rounds_per_task: 5
+    clients:
+      - {model: vlm_llama_s, tasks: [recognize_mnist/0, same_mnist/0, odd_mnist/0, sum_mnist/0]}
+      ...
+    unseen:                # after the run: fast adaptation on tasks no client trained on
+      new_type: [difference_mnist/0]
+      new_domain: [recognize_mnist@rotate/0]
+
+**PFL-Dynamic** (``dynamic``): all clients switch task together every ``rounds_per_task`` rounds; in
+round ``r`` of a task a client receives the next ``1/rounds_per_task`` slice of that task's (shuffled)
+training examples. **PFL-Static** (``static``): a client's tasks are pooled, shuffled and dealt over
+all rounds. Either way what arrives is appended to the client's :class:`ReplayMemory` and training
+batches are drawn from the whole memory, favouring rarely used examples, so earlier tasks are
+rehearsed (as the official FedMosaic code does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from hetpfl.configuration import FieldError
+from hetpfl.rng import numpy_rng
+
+from .images import PRETRAIN_SUBSET
+from .tasks import parse_task
+
+__all__ = ["MODES", "ClientPlan", "ReplayMemory", "Scenario", "load_scenario", "parse_scenario"]
+
+MODES = ("dynamic", "static")
+_KEYS = ("name", "mode", "rounds_per_task", "clients", "unseen")
+_UNSEEN_KINDS = ("new_type", "new_domain")
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One client: its model (a ``vlm_*`` architecture) and its tasks (``<task>/<subset>``) in order."""
+
+    model: str
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    mode: str
+    rounds_per_task: int
+    clients: tuple[ClientPlan, ...]
+    unseen: dict[str, tuple[str, ...]]
+
+    @property
+    def tasks_per_client(self) -> int:
+        return len(self.clients[0].tasks)
+
+    @property
+    def num_rounds(self) -> int:
+        return self.tasks_per_client * self.rounds_per_task
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """Every task subset a client trains on, in first-seen order."""
+        return tuple(dict.fromkeys(t for c in self.clients for t in c.tasks))
+
+    def current_task(self, round_index: int) -> int:
+        """The position (in every client's list) of the task trained in ``round_index`` (dynamic)."""
+        return min(round_index // self.rounds_per_task, self.tasks_per_client - 1)
+
+    def arrivals(self, client: int, round_index: int, sizes: dict[str, int], seed: int = 0) -> list[tuple[str, np.ndarray]]:
+        """The (task, example indices) that reach ``client`` in ``round_index``; ``sizes`` gives each
+        task's number of training examples. Deterministic in (seed, client)."""
+        if not 0 <= round_index < self.num_rounds:
+            raise ValueError(f"scenario {self.name!r}: round {round_index} is outside 0..{self.num_rounds - 1}")
+        plan = self.clients[client]
+        rng = numpy_rng(seed, "hetvqa", "stream", client)
+        orders = {t: rng.permutation(sizes[t]) for t in plan.tasks}
+        if self.mode == "dynamic":
+            task = plan.tasks[self.current_task(round_index)]
+            part = np.array_split(orders[task], self.rounds_per_task)[round_index % self.rounds_per_task]
+            return [(task, np.sort(part))]
+        pooled = [(t, i) for t in plan.tasks for i in orders[t]]
+        order = rng.permutation(len(pooled))
+        part = np.array_split(order, self.num_rounds)[round_index]
+        out = []
+        for task in plan.tasks:
+            picked = np.array(sorted(pooled[j][1] for j in part if pooled[j][0] == task), dtype=np.int64)
+            if picked.size:
+                out.append((task, picked))
+        return out
+
+
+def _check_task(key: str, text: Any) -> str:
+    try:
+        _, subset = parse_task(str(text))
+    except ValueError as err:
+        raise FieldError(key, text, str(err).split(" (in ")[0]) from None
+    if subset is None:
+        raise FieldError(key, text, "name a subset: '<task>/<k>' (disjoint images of the task's source)")
+    if subset >= PRETRAIN_SUBSET:
+        raise FieldError(key, text, f"subsets 0..{PRETRAIN_SUBSET - 1} are for tasks "
+                                    f"(subset {PRETRAIN_SUBSET} is kept for pretraining)")
+    return str(text)
+
+
+def parse_scenario(tree: Any, where: str = "scenario") -> Scenario:
+    """A :class:`Scenario` from a parsed YAML mapping. Raises :class:`FieldError` naming the field
+    for an unknown key, task, model or mode, an empty client list, clients with different numbers
+    of tasks (they switch together) or a task listed twice for one client."""
+    from hetpfl.models import VLM_ARCHITECTURES  # noqa: PLC0415  (models import data; not the reverse at load)
+
+    if not isinstance(tree, dict):
+        raise FieldError(where, tree, "a scenario is a mapping with keys " + ", ".join(_KEYS))
+    for key in tree:
+        if key not in _KEYS:
+            raise FieldError(f"{where}.{key}", tree[key], f"unknown key; keys: {', '.join(_KEYS)}")
+    mode = tree.get("mode", "dynamic")
+    if mode not in MODES:
+        raise FieldError(f"{where}.mode", mode, f"must be one of {', '.join(MODES)}")
+    rounds = tree.get("rounds_per_task", 5)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise FieldError(f"{where}.rounds_per_task", rounds, "must be an int >= 1")
+    clients = tree.get("clients")
+    if not isinstance(clients, list) or not clients:
+        raise FieldError(f"{where}.clients", clients, "must be a non-empty list of {model, tasks}")
+    plans = []
+    for i, client in enumerate(clients):
+        key = f"{where}.clients[{i}]"
+        if not isinstance(client, dict) or set(client) != {"model", "tasks"}:
+            raise FieldError(key, client, "must be a mapping with exactly the keys model and tasks")
+        if client["model"] not in VLM_ARCHITECTURES:
+            raise FieldError(f"{key}.model", client["model"],
+                             f"not a vision-language model; models: {', '.join(VLM_ARCHITECTURES)}")
+        tasks = client["tasks"]
+        if not isinstance(tasks, list) or not tasks:
+            raise FieldError(f"{key}.tasks", tasks, "must be a non-empty list of '<task>/<subset>'")
+        names = tuple(_check_task(f"{key}.tasks[{j}]", t) for j, t in enumerate(tasks))
+        if len(set(names)) != len(names):
+            raise FieldError(f"{key}.tasks", tasks, "lists a task twice")
+        if plans and len(names) != len(plans[0].tasks):
+            raise FieldError(f"{key}.tasks", tasks, f"has {len(names)} tasks but clients[0] has "
+                                                    f"{len(plans[0].tasks)}: clients switch tasks together")
+        plans.append(ClientPlan(str(client["model"]), names))
+    unseen_tree = tree.get("unseen") or {}
+    if not isinstance(unseen_tree, dict):
+        raise FieldError(f"{where}.unseen", unseen_tree, f"must be a mapping with keys {', '.join(_UNSEEN_KINDS)}")
+    unseen = {}
+    for kind, tasks in unseen_tree.items():
+        if kind not in _UNSEEN_KINDS:
+            raise FieldError(f"{where}.unseen.{kind}", tasks, f"unknown kind; kinds: {', '.join(_UNSEEN_KINDS)}")
+        unseen[kind] = tuple(_check_task(f"{where}.unseen.{kind}[{j}]", t) for j, t in enumerate(tasks or []))
+    trained = {t for p in plans for t in p.tasks}
+    for kind, tasks in unseen.items():
+        for j, t in enumerate(tasks):
+            if t in trained:
+                raise FieldError(f"{where}.unseen.{kind}[{j}]", t, "a client trains on it: it is not unseen")
+    return Scenario(str(tree.get("name", where)), mode, rounds, tuple(plans), unseen)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and check a scenario file (see :func:`parse_scenario`)."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise FieldError("scenario", str(path), f"cannot be read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise FieldError("scenario", str(path), f"is not valid YAML ({err})") from None
+    return parse_scenario(tree, where=path.stem)
+
+
+class ReplayMemory:
+    """A client's examples so far (``(task, index)`` keys) with use counts; batches favour rarely
+    used examples: P(example) ∝ softmax(−count / temperature), counts decay by ``decay`` every step
+    and grow by 1 when used (the official FedMosaic stream: T = 0.125, decay 0.99)."""
+
+    def __init__(self, temperature: float = 0.125, decay: float = 0.99) -> None:
+        if not temperature > 0 or not 0 < decay <= 1:
+            raise ValueError(f"replay memory: temperature must be > 0 and decay in (0, 1], got {temperature}, {decay}")
+        self.temperature, self.decay = temperature, decay
+        self.keys: list[tuple[str, int]] = []
+        self.counts = np.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, task: str, indices: np.ndarray) -> None:
+        self.keys.extend((task, int(i)) for i in indices)
+        self.counts = np.concatenate((self.counts, np.zeros(len(indices))))
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> list[tuple[str, int]]:
+        """Draw up to ``batch_size`` distinct examples, then update the counts."""
+        if not self.keys:
+            raise ValueError("replay memory is empty: nothing to train on")
+        logits = -self.counts / self.temperature
+        p = np.exp(logits - logits.max())
+        chosen = rng.choice(len(self.keys), size=min(batch_size, len(self.keys)), replace=False, p=p / p.sum())
+        self.counts *= self.decay
+        self.counts[chosen] += 1
+        return [self.keys[i] for i in chosen]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keys": list(self.keys), "counts": self.counts.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys = [(str(t), int(i)) for t, i in state["keys"]]
+        self.counts = np.asarray(state["counts"], dtype=np.float64).copy()
