@@ -13,7 +13,7 @@ from hetpfl.data.hetvqa.images import apply_domain
 from hetpfl.learn.vlm import answer_loss, example_batches, memory_batches, mixed_answer_loss, score_answers
 from hetpfl.learn.loop import Objective, optimize
 from hetpfl.learn.options import OptimOptions
-from hetpfl.models import build_model
+from hetpfl.models import VLM_ARCHITECTURES, build_model
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def scenario_tree(**changes):
 ])
 def test_scenario_errors_name_the_field(change, key):
     with pytest.raises(FieldError, match=key):
-        hv.parse_scenario(scenario_tree(**change))
+        hv.parse_scenario(scenario_tree(**change), VLM_ARCHITECTURES)
 
 
 def test_scenario_files_load_and_bad_files_fail_clearly(tmp_path):
@@ -180,17 +180,17 @@ def test_scenario_files_load_and_bad_files_fail_clearly(tmp_path):
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(scenario_tree()))
-    scenario = hv.load_scenario(path)
+    scenario = hv.load_scenario(path, VLM_ARCHITECTURES)
     assert scenario.num_rounds == 4 and scenario.task_names[:2] == ("recognize_digits/0", "same_digits/0")
     path.write_text("clients: [")
     with pytest.raises(FieldError, match="not valid YAML"):
-        hv.load_scenario(path)
+        hv.load_scenario(path, VLM_ARCHITECTURES)
     with pytest.raises(FieldError, match="cannot be read"):
-        hv.load_scenario(tmp_path / "missing.yaml")
+        hv.load_scenario(tmp_path / "missing.yaml", VLM_ARCHITECTURES)
 
 
 def test_dynamic_schedule_switches_together_and_feeds_each_example_once():
-    scenario = hv.parse_scenario(scenario_tree(rounds_per_task=3))
+    scenario = hv.parse_scenario(scenario_tree(rounds_per_task=3), VLM_ARCHITECTURES)
     sizes = {t: 10 for t in scenario.task_names}
     for client, plan in enumerate(scenario.clients):
         got: dict[str, list[int]] = {}
@@ -205,7 +205,7 @@ def test_dynamic_schedule_switches_together_and_feeds_each_example_once():
 
 
 def test_static_schedule_pools_the_tasks_over_all_rounds():
-    scenario = hv.parse_scenario(scenario_tree(mode="static", rounds_per_task=3))
+    scenario = hv.parse_scenario(scenario_tree(mode="static", rounds_per_task=3), VLM_ARCHITECTURES)
     sizes = {t: 12 for t in scenario.task_names}
     got: dict[str, list[int]] = {}
     tasks_per_round = []
@@ -310,7 +310,7 @@ def test_shipped_scenarios_load_with_related_and_unrelated_clients():
     files = sorted((Path(__file__).resolve().parents[1] / "configs" / "hetvqa").glob("*.yaml"))
     assert {f.stem for f in files} >= {"homo_dynamic", "homo_static", "sizes_dynamic", "families_dynamic"}
     for path in files:
-        scenario = hv.load_scenario(path)
+        scenario = hv.load_scenario(path, VLM_ARCHITECTURES)
         assert len(scenario.clients) == 10 and scenario.num_rounds == 20
         sources = [{hv.parse_task(t)[0].source for t in c.tasks} for c in scenario.clients]
         # clients 0 and 1 share a source (related); clients 0 and 7 share none (unrelated)

@@ -13,7 +13,7 @@ LAYERS = {
     "rng": 0, "configuration": 0,
     "data": 1,
     "models": 2, "messages": 2, "plots": 2,
-    "learn": 3, "state": 3,
+    "learn": 3, "state": 3, "backbones": 3,
     "algorithms": 4,
     "clienthost": 5, "engine": 5,
     "simulator": 6,

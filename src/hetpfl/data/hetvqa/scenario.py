@@ -23,6 +23,7 @@ rehearsed (as the official FedMosaic code does).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,12 @@ def _check_task(key: str, text: Any) -> str:
     return str(text)
 
 
-def parse_scenario(tree: Any, where: str = "scenario") -> Scenario:
-    """A :class:`Scenario` from a parsed YAML mapping. Raises :class:`FieldError` naming the field
-    for an unknown key, task, model or mode, an empty client list, clients with different numbers
-    of tasks (they switch together) or a task listed twice for one client."""
-    from hetpfl.models import VLM_ARCHITECTURES  # noqa: PLC0415  (models import data; not the reverse at load)
+def parse_scenario(tree: Any, models: Collection[str], where: str = "scenario") -> Scenario:
+    """A :class:`Scenario` from a parsed YAML mapping whose clients' models must be among ``models``
+    (the caller's registry: ``hetpfl.models.VLM_ARCHITECTURES``; the data layer does not know models).
+    Raises :class:`FieldError` naming the field for an unknown key, task, model or mode, an empty
+    client list, clients with different numbers of tasks (they switch together) or a task listed
+    twice for one client."""
 
     if not isinstance(tree, dict):
         raise FieldError(where, tree, "a scenario is a mapping with keys " + ", ".join(_KEYS))
@@ -137,9 +139,8 @@ def parse_scenario(tree: Any, where: str = "scenario") -> Scenario:
         key = f"{where}.clients[{i}]"
         if not isinstance(client, dict) or set(client) != {"model", "tasks"}:
             raise FieldError(key, client, "must be a mapping with exactly the keys model and tasks")
-        if client["model"] not in VLM_ARCHITECTURES:
-            raise FieldError(f"{key}.model", client["model"],
-                             f"not a vision-language model; models: {', '.join(VLM_ARCHITECTURES)}")
+        if client["model"] not in models:
+            raise FieldError(f"{key}.model", client["model"], f"not a vision-language model; models: {', '.join(models)}")
         tasks = client["tasks"]
         if not isinstance(tasks, list) or not tasks:
             raise FieldError(f"{key}.tasks", tasks, "must be a non-empty list of '<task>/<subset>'")
@@ -166,7 +167,7 @@ def parse_scenario(tree: Any, where: str = "scenario") -> Scenario:
     return Scenario(str(tree.get("name", where)), mode, rounds, tuple(plans), unseen)
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def load_scenario(path: str | Path, models: Collection[str]) -> Scenario:
     """Read and check a scenario file (see :func:`parse_scenario`)."""
     path = Path(path)
     try:
@@ -175,7 +176,7 @@ def load_scenario(path: str | Path) -> Scenario:
         raise FieldError("scenario", str(path), f"cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise FieldError("scenario", str(path), f"is not valid YAML ({err})") from None
-    return parse_scenario(tree, where=path.stem)
+    return parse_scenario(tree, models, where=path.stem)
 
 
 class ReplayMemory:
