@@ -316,3 +316,27 @@ def test_shipped_scenarios_load_with_related_and_unrelated_clients():
         # clients 0 and 1 share a source (related); clients 0 and 7 share none (unrelated)
         assert sources[0] & sources[1] and not sources[0] & sources[7]
         assert scenario.unseen["new_type"] and scenario.unseen["new_domain"]
+
+
+def test_a_registry_module_starts_from_a_cached_backbone_with_adapters(pool, tmp_path, monkeypatch):
+    from hetpfl import backbones
+    from hetpfl.models import LoRALinear, ModuleSpec, build_module
+
+    monkeypatch.setenv("HETPFL_BACKBONE_DIR", str(tmp_path))
+    recipe = backbones.PretrainRecipe(steps=10, batch_size=4, examples_per_source=16, sources=("digits",))
+    base = backbones.pretrained_backbone("vlm_llama_s", recipe, pool=pool)
+    checksum = base.pretraining["checksum"]
+    spec = ModuleSpec.of("vlm_llama_s", pretrained=checksum, lora_rank=4, lora_dual=True)
+    torch.manual_seed(5)
+    client = build_module(spec, hv.IMAGE_SHAPE, len(hv.vocabulary()))
+    layers = [m for m in client.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(torch.equal(m.base.weight, base.get_submodule(n).weight)
+                          for n, m in client.named_modules() if isinstance(m, LoRALinear))
+    assert torch.equal(client.vision.convs[0].weight, base.vision.convs[0].weight)
+    assert all(("adapters.local" in n) == p.requires_grad for n, p in client.named_parameters() if "beta" not in n)
+    with pytest.raises(ValueError, match="no pretrained backbone"):
+        build_module(ModuleSpec.of("vlm_llama_s", pretrained="0" * 16), hv.IMAGE_SHAPE, len(hv.vocabulary()))
+    with pytest.raises(ValueError, match="lora_rank must be an int >= 0"):
+        build_module(ModuleSpec.of("vlm_llama_s", lora_rank=-1), hv.IMAGE_SHAPE, len(hv.vocabulary()))
+    with pytest.raises(ValueError, match="not an architecture option"):
+        backbones.pretrained_backbone("vlm_llama_s", recipe, pool=pool, lora_rank=4)

@@ -49,6 +49,7 @@ from .learn.loop import Objective, optimize
 from .learn.options import OptimOptions
 from .learn.vlm import answer_loss, example_batches, score_answers
 from .models import VLM_ARCHITECTURES, build_model
+from .models.vlm import backbone_dir, backbone_file
 from .rng import derive_seed, numpy_rng
 
 __all__ = ["PretrainRecipe", "backbone_dir", "backbone_path", "cached_backbones", "pretrained_backbone"]
@@ -82,11 +83,6 @@ class PretrainRecipe:
             raise ValueError(f"pretraining: sources must be some of {', '.join(SOURCES)}, got {self.sources!r}")
 
 
-def backbone_dir() -> Path:
-    """Where pretrained backbones are cached: ``$HETPFL_BACKBONE_DIR``, else ``~/.cache/hetpfl/backbones``."""
-    return Path(os.environ.get("HETPFL_BACKBONE_DIR") or "~/.cache/hetpfl/backbones").expanduser()
-
-
 def _checksum(arch: str, options: dict[str, Any], recipe: PretrainRecipe, seed: int) -> str:
     what = {"arch": arch, "options": sorted(options.items()), "recipe": dataclasses.asdict(recipe), "seed": seed,
             "vocabulary": list(vocabulary().itos), "image_shape": IMAGE_SHAPE, "version": RECIPE_VERSION}
@@ -95,7 +91,7 @@ def _checksum(arch: str, options: dict[str, Any], recipe: PretrainRecipe, seed: 
 
 def backbone_path(arch: str, recipe: PretrainRecipe = PretrainRecipe(), seed: int = 0, **options: Any) -> Path:
     """The cache file of ``arch`` pretrained by ``recipe`` with ``seed`` (it may not exist yet)."""
-    return backbone_dir() / f"{arch}-{_checksum(arch, options, recipe, seed)}.pt"
+    return backbone_file(arch, _checksum(arch, options, recipe, seed))
 
 
 def cached_backbones() -> list[dict[str, Any]]:
@@ -125,9 +121,13 @@ def pretrained_backbone(arch: str, recipe: PretrainRecipe = PretrainRecipe(), se
     every parameter trainable; its ``pretraining`` attribute holds the cache metadata."""
     if arch not in VLM_ARCHITECTURES:
         raise ValueError(f"pretraining: {arch!r} is not a vision-language model; models: {', '.join(VLM_ARCHITECTURES)}")
+    adapted = sorted(k for k in options if k == "pretrained" or k.startswith("lora_"))
+    if adapted:
+        raise ValueError(f"pretraining: option {adapted[0]!r} is not an architecture option of the backbone "
+                         f"(pretrain the plain model; pass its checksum as `pretrained` when building clients)")
     vocab = vocabulary()
     checksum = _checksum(arch, options, recipe, seed)
-    path = backbone_dir() / f"{arch}-{checksum}.pt"
+    path = backbone_file(arch, checksum)
     torch.manual_seed(derive_seed(seed, "backbone", arch))
     model = build_model(arch, IMAGE_SHAPE, len(vocab), **options)
     if use_cache and path.exists():

@@ -21,13 +21,16 @@ it except empty image slots. ``forward`` returns next-token logits at the text p
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VLM_FAMILIES", "VLM_SIZES", "VLMSize", "VisionLanguageModel", "greedy_answer"]
+__all__ = ["VLM_FAMILIES", "VLM_SIZES", "VLMSize", "VisionLanguageModel", "backbone_dir", "backbone_file",
+           "greedy_answer"]
 
 #: Block designs: name -> (norm, MLP, positions) as described in the module docstring.
 VLM_FAMILIES = ("llama", "gpt")
@@ -44,6 +47,17 @@ class VLMSize:
 
 #: The sizes of every family: small, medium, large differ in both width and depth (head size 32).
 VLM_SIZES: dict[str, VLMSize] = {"s": VLMSize(64, 2, 2), "m": VLMSize(128, 4, 4), "l": VLMSize(192, 6, 6)}
+
+
+def backbone_dir() -> Path:
+    """Where pretrained backbones are cached: ``$HETPFL_BACKBONE_DIR``, else ``~/.cache/hetpfl/backbones``
+    (written by :mod:`hetpfl.backbones`; read here, so a registry module can start from one)."""
+    return Path(os.environ.get("HETPFL_BACKBONE_DIR") or "~/.cache/hetpfl/backbones").expanduser()
+
+
+def backbone_file(arch: str, checksum: str) -> Path:
+    """The cache file of ``arch`` pretrained as ``checksum`` names (``<arch>-<checksum>.pt``)."""
+    return backbone_dir() / f"{arch}-{checksum}.pt"
 
 
 class RMSNorm(nn.Module):
@@ -185,11 +199,17 @@ class VisionLanguageModel(nn.Module):
     """Images + question tokens -> next-token logits at the text positions (module docstring).
 
     Built by the registry (``vlm_<family>_<size>``): ``input_shape`` is one image's ``(C, H, W)``
-    and ``num_classes`` the vocabulary size.
+    and ``num_classes`` the vocabulary size. ``pretrained``: the checksum of a cached pretrained
+    backbone (:func:`backbone_file`; ``hetpfl pretrain`` writes them) to start from. ``lora_rank`` > 0
+    then adapts the language model (:func:`hetpfl.models.lora.add_lora` with ``lora_alpha``,
+    ``lora_dropout``, ``lora_dual``, ``lora_gate``), so a client's module slot can name "this
+    pretrained backbone with these adapters" as one registry spec.
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, family: str = "llama", size: str = "s",
                  max_images: int = 3, max_text_len: int = 32, image_grid: int = 2, vision_dim: int = 64,
+                 pretrained: str | None = None, lora_rank: int = 0, lora_alpha: float = 16.0,
+                 lora_dropout: float = 0.0, lora_dual: bool = False, lora_gate: str = "scalar",
                  arch: str = "vlm") -> None:
         super().__init__()
         if family not in VLM_FAMILIES:
@@ -211,6 +231,24 @@ class VisionLanguageModel(nn.Module):
         # LoRA adapts the language model only, as LLaVA fine-tuning does (hetpfl.models.lora)
         self.lora_scope = "language"
         self.lora_exclude = ("lm_head",)
+        if pretrained is not None:
+            self._load_pretrained(backbone_file(arch, pretrained))
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"{arch}: lora_rank must be an int >= 0 (0: no adapters), got {lora_rank!r}")
+        if lora_rank:
+            from .lora import add_lora  # noqa: PLC0415  (lora reads this module's scope attributes)
+
+            add_lora(self, lora_rank, lora_alpha, lora_dropout, dual=lora_dual, gate=lora_gate)
+
+    def _load_pretrained(self, path: Path) -> None:
+        if not path.exists():
+            raise ValueError(f"{self.arch}: no pretrained backbone at {path} (run `hetpfl pretrain {self.arch}` "
+                             f"with the same recipe and seed, or set HETPFL_BACKBONE_DIR)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            self.load_state_dict(saved["weights"])
+        except (KeyError, RuntimeError) as err:
+            raise ValueError(f"{self.arch}: {path} does not hold this model's weights ({err})") from None
 
     def example_inputs(self, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """One forward pass's arguments (for FLOP counts): every image slot filled, a full text row."""
