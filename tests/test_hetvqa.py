@@ -340,3 +340,25 @@ def test_a_registry_module_starts_from_a_cached_backbone_with_adapters(pool, tmp
         build_module(ModuleSpec.of("vlm_llama_s", lora_rank=-1), hv.IMAGE_SHAPE, len(hv.vocabulary()))
     with pytest.raises(ValueError, match="not an architecture option"):
         backbones.pretrained_backbone("vlm_llama_s", recipe, pool=pool, lora_rank=4)
+
+
+def test_pretrain_command_caches_and_data_info_lists_the_weights(tmp_path, monkeypatch, capsys):
+    import json
+
+    from hetpfl.cli import main
+
+    monkeypatch.setenv("HETPFL_BACKBONE_DIR", str(tmp_path))
+    args = ["pretrain", "vlm_gpt_s", "--steps", "10", "--batch-size", "4", "--sources", "digits"]
+    assert main(args) == 0
+    assert "pretraining mix" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "cached at" in capsys.readouterr().err
+    assert main(["pretrain", "vlm_gpt_x"]) == 2
+    assert "'vlm_gpt_x' is not a vision-language model" in capsys.readouterr().err
+    assert main(["pretrain", "vlm_gpt_s", "--steps", "0"]) == 2
+    assert "steps must be a positive int" in capsys.readouterr().err
+    main(["data", "info", "hetvqa"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["tasks"] == len(hv.TASKS) and info["backbone_dir"] == str(tmp_path)
+    [backbone] = info["pretrained_backbones"]
+    assert backbone["arch"] == "vlm_gpt_s" and backbone["path"].startswith(str(tmp_path))

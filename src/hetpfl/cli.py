@@ -135,9 +135,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=console) as progress:
             task = progress.add_task(arch, total=recipe.steps, loss="-")
+
+            def report(step: int, total: int, loss: float, task=task, arch=arch) -> None:
+                progress.update(task, completed=step, loss=f"{loss:.3f}")
+                if not console.is_terminal and (step % max(1, total // 10) == 0 or step == total):
+                    console.print(f"{arch}: {step}/{total} steps, loss {loss:.3f}")  # a log sees no bar
+
             model = pretrained_backbone(arch, recipe, args.seed, pool=pool, use_cache=True, data_dir=args.data_dir,
-                                        progress=lambda step, total, loss, task=task: progress.update(
-                                            task, completed=step, loss=f"{loss:.3f}"))
+                                        progress=report)
         meta = model.pretraining
         console.print(f"{arch}: {meta['seconds']}s, test exact match {100 * mean_score(meta):.1f}% "
                       f"(pretraining mix) -> {path}")
