@@ -157,7 +157,8 @@ def scenario_tree(**changes):
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"clients": [{"model": "vlm_llama_s", "tasks": ["recognize_digit/0"]}]}, r"clients\[0\]\.tasks\[0\]"),
+    ({"clients": [{"model": "vlm_llama_s", "tasks": ["recognize_digit/0"]}]},
+     r"clients\[0\]\.tasks\[0\]='recognize_digit/0': unknown task 'recognize_digit'; tasks: recognize_mnist, "),
     ({"clients": [{"model": "vlm_llama_x", "tasks": ["recognize_digits/0"]}]}, r"clients\[0\]\.model"),
     ({"clients": [{"model": "vlm_llama_s", "tasks": ["recognize_digits/0"]},
                   {"model": "vlm_llama_s", "tasks": ["recognize_digits/1", "sum_digits/1"]}]}, r"clients\[1\]\.tasks"),

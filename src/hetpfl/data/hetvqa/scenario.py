@@ -23,6 +23,7 @@ rehearsed (as the official FedMosaic code does).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def _check_task(key: str, text: Any) -> str:
     try:
         _, subset = parse_task(str(text))
     except ValueError as err:
-        raise FieldError(key, text, str(err).split(" (in ")[0]) from None
+        raise FieldError(key, text, re.sub(r" \(in '[^']*'\)", "", str(err))) from None  # the key says where
     if subset is None:
         raise FieldError(key, text, "name a subset: '<task>/<k>' (disjoint images of the task's source)")
     if subset >= PRETRAIN_SUBSET:
