@@ -259,10 +259,10 @@ class VisionLanguageModel(nn.Module):
     def forward(self, images: Tensor, image_mask: Tensor, tokens: Tensor) -> Tensor:
         """``images`` (B, M, C, H, W) float, ``image_mask`` (B, M) bool, ``tokens`` (B, L) int64
         with M <= max_images, L <= max_text_len -> logits (B, L, vocab) predicting the next token."""
-        b, m = images.shape[:2]
-        if images.dim() != 5 or tuple(images.shape[2:]) != self.input_shape or m > self.max_images:
+        if images.dim() != 5 or tuple(images.shape[2:]) != self.input_shape or images.shape[1] > self.max_images:
             raise ValueError(f"{self.arch}: images must be (B, <= {self.max_images}, *{self.input_shape}), "
                              f"got {tuple(images.shape)}")
+        b = images.shape[0]
         if tokens.dim() != 2 or tokens.shape[0] != b or tokens.shape[1] > self.max_text_len:
             raise ValueError(f"{self.arch}: tokens must be (B={b}, <= {self.max_text_len}), got {tuple(tokens.shape)}")
         visual = self.projector(self.vision(images.flatten(0, 1)))  # (B*M, g*g, width)
