@@ -55,7 +55,7 @@ from .rng import derive_seed, numpy_rng
 __all__ = ["PretrainRecipe", "backbone_dir", "backbone_path", "cached_backbones", "pretrained_backbone"]
 
 #: Bump when the pretraining code changes what it produces (part of every checksum).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the mix also names three images
 
 
 @dataclass(frozen=True)
