@@ -40,6 +40,7 @@ from .data.hetvqa import (
     SOURCES,
     ImagePool,
     TaskSpec,
+    Vocabulary,
     build_examples,
     load_image_pool,
     vocabulary,
@@ -106,8 +107,7 @@ def cached_backbones() -> list[dict[str, Any]]:
     return out
 
 
-def _pretraining_sets(pool: ImagePool, recipe: PretrainRecipe, split: str, n: int):
-    vocab = vocabulary()
+def _pretraining_sets(pool: ImagePool, vocab: Vocabulary, recipe: PretrainRecipe, split: str, n: int):
     return [build_examples(pool, vocab, TaskSpec(t, source), PRETRAIN_SUBSET, split, n)
             for t in PRETRAIN_TEMPLATES.values() for source in recipe.sources if source in t.sources]
 
@@ -139,8 +139,8 @@ def pretrained_backbone(arch: str, recipe: PretrainRecipe = PretrainRecipe(), se
         model.pretraining = saved["meta"]
         return model.eval()
     pool = pool if pool is not None else load_image_pool(recipe.sources, data_dir)
-    train_sets = _pretraining_sets(pool, recipe, "train", recipe.examples_per_source)
-    test_sets = _pretraining_sets(pool, recipe, "test", 100)
+    train_sets = _pretraining_sets(pool, vocab, recipe, "train", recipe.examples_per_source)
+    test_sets = _pretraining_sets(pool, vocab, recipe, "test", 100)
     rng = numpy_rng(seed, "backbone", arch, "batches")
     optim = OptimOptions(lr=recipe.lr, optimizer="adam", max_grad_norm=1.0)
     start = time.perf_counter()

@@ -154,39 +154,40 @@ def _check_which(which: str) -> None:
         raise ValueError(f"adapter {which!r} is not one of {', '.join((*ADAPTERS, 'gate'))}")
 
 
-def adapter_state(model: nn.Module, which: str = "local") -> dict[str, Tensor]:
-    """Copies of one adapter's tensors (``"local"``, ``"global"``) or of the gates (``"gate"``),
-    keyed ``<layer>.lora_A``/``<layer>.lora_B`` (``<layer>.<gate parameter>``): what a client sends."""
+def _adapter_tensors(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
+    """The live tensors of adapter ``which`` (or the gates), keyed as :func:`adapter_state` gives them."""
     _check_which(which)
-    out: dict[str, Tensor] = {}
+    out: dict[str, nn.Parameter] = {}
     for name, layer in lora_layers(model).items():
         if which == "gate":
-            out.update({f"{name}.{k}": v.detach().clone() for k, v in layer.named_parameters(recurse=False)})
+            out.update({f"{name}.{k}": v for k, v in layer.named_parameters(recurse=False)})
         elif which in layer.adapters:
-            out.update({f"{name}.{k}": v.detach().clone() for k, v in layer.adapters[which].named_parameters()})
+            out.update({f"{name}.{k}": v for k, v in layer.adapters[which].named_parameters()})
     if not out:
         raise ValueError(f"the model has no {which!r} adapter tensors (add_lora with dual=True for 'global'/'gate')")
     return out
+
+
+def adapter_state(model: nn.Module, which: str = "local") -> dict[str, Tensor]:
+    """Copies of one adapter's tensors (``"local"``, ``"global"``) or of the gates (``"gate"``),
+    keyed ``<layer>.lora_A``/``<layer>.lora_B`` (``<layer>.<gate parameter>``): what a client sends."""
+    return {k: v.detach().clone() for k, v in _adapter_tensors(model, which).items()}
 
 
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, state: dict[str, Tensor], which: str = "local") -> None:
     """Write ``state`` (keys as :func:`adapter_state` gives them) into adapter ``which`` (or the
     gates). Every key must match a tensor of the same shape, and every tensor must be given."""
-    own = adapter_state(model, which)
+    own = _adapter_tensors(model, which)
     if own.keys() != state.keys():
         missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         raise ValueError(f"adapter state for {which!r} does not match the model: "
                          f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                          f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    layers = lora_layers(model)
     for key, value in state.items():
-        layer_name, _, param = key.rpartition(".")
-        layer = layers[layer_name]
-        target = getattr(layer, param) if which == "gate" else getattr(layer.adapters[which], param)
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"adapter tensor {key!r}: shape {tuple(value.shape)}, the model's is {tuple(target.shape)}")
-        target.copy_(value)
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"adapter tensor {key!r}: shape {tuple(value.shape)}, the model's is {tuple(own[key].shape)}")
+        own[key].copy_(value)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -231,10 +231,10 @@ class VisionLanguageModel(nn.Module):
         # LoRA adapts the language model only, as LLaVA fine-tuning does (hetpfl.models.lora)
         self.lora_scope = "language"
         self.lora_exclude = ("lm_head",)
-        if pretrained is not None:
-            self._load_pretrained(backbone_file(arch, pretrained))
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
             raise ValueError(f"{arch}: lora_rank must be an int >= 0 (0: no adapters), got {lora_rank!r}")
+        if pretrained is not None:
+            self._load_pretrained(backbone_file(arch, pretrained))
         if lora_rank:
             from .lora import add_lora  # noqa: PLC0415  (lora reads this module's scope attributes)
 

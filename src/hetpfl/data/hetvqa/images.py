@@ -12,6 +12,7 @@ subset :data:`PRETRAIN_SUBSET` is kept for pretraining the backbones.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,7 @@ def load_image_pool(sources: tuple[str, ...] = SOURCES, data_dir: str | None = N
 _NOISE_BANK_SIZE = 97
 
 
+@functools.cache  # drawn once per process, not on every batch of a noisy task
 def _noise_bank() -> torch.Tensor:
     """A fixed bank of noise images: an image's noise is picked by its key, so it never changes."""
     g = torch.Generator().manual_seed(97)
