@@ -14,9 +14,12 @@ os.environ.setdefault("HETPFL_DATA_DIR", str((REPO / ".." / "shared" / "data").r
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache_dir(tmp_path_factory):
-    """Decoded datasets go to one cache per test session (never the user's cache)."""
+    """Decoded datasets and the tests' tiny pretrained backbones go to one cache per test session
+    (never the user's cache)."""
     if "HETPFL_CACHE_DIR" not in os.environ:
         os.environ["HETPFL_CACHE_DIR"] = str(tmp_path_factory.mktemp("hetpfl-cache"))
+    if "HETPFL_BACKBONE_DIR" not in os.environ:
+        os.environ["HETPFL_BACKBONE_DIR"] = str(tmp_path_factory.mktemp("hetpfl-backbones"))
     yield
 
 

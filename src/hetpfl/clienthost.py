@@ -217,6 +217,7 @@ class ClientHost:
             num_tasks=len(data.tasks),
             value_range=data.value_range,
             leaked_public_labels=run.leaked_public_labels,
+            examples=data.client_examples(client, rnd) if hasattr(data, "client_examples") else None,
         )
 
     # -- running stages ----------------------------------------------------------------------

@@ -30,9 +30,11 @@ from .configuration import (
     require,
     to_plain,
 )
-from .data import DATASETS, DRIFT_SCHEMES, FEATURE_SHIFTS, PARTITIONERS, check_feature_shift
+from .backbones import PretrainRecipe
+from .data import DATASET_NAMES, DRIFT_SCHEMES, FEATURE_SHIFTS, PARTITIONERS, check_feature_shift
 from .messages import COMPRESSIONS
 from .models import ARCHITECTURES, ModuleSpec
+from .models.lora import LoRAOptions
 from .runtimes import RUNTIMES
 from .simulator import EXECUTORS
 
@@ -48,7 +50,7 @@ class DriftConfig(Validated):
 
 @dataclass
 class DataConfig(Validated):
-    dataset: str = option("digits", choices=DATASETS)
+    dataset: str = option("digits", choices=DATASET_NAMES)  # a registered dataset, or the hetvqa benchmark
     num_clients: int = option(10, ge=1)
     partition: str = option("dirichlet", choices=PARTITIONERS)
     dirichlet_alpha: float = option(0.5, gt=0)  # label skew (dirichlet, cosmos) or size skew (quantity_skew)
@@ -91,6 +93,9 @@ class DataConfig(Validated):
 class ModelsConfig(Validated):
     clients: list[str] = field(default_factory=lambda: ["mlp", "cnn_small"])  # architectures to mix
     proportions: list[float] | None = None  # share of clients per architecture (default: equal)
+    # hetvqa only (its scenario names each client's model; ``clients`` is not read there):
+    lora: LoRAOptions = field(default_factory=LoRAOptions)  # the clients' adapters
+    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)  # how each backbone is pretrained (cached)
 
     def __post_init__(self) -> None:
         super().__post_init__()

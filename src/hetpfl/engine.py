@@ -86,6 +86,7 @@ class RunSpec:
             build_model=ServerModules(self),
             value_range=self.data.value_range,
             input_kind=self.data.input_kind,
+            examples=getattr(self.data, "server_examples", None),
         )
 
     def make_server(self) -> Server:
@@ -103,7 +104,9 @@ class ServerModules:
 
     def __call__(self, arch: str, key: str | int, **options: Any) -> torch.nn.Module:
         spec = ModuleSpec.parse(arch)
-        return self.run.new_module(ModuleSpec.of(spec.arch, **{**spec.kwargs, **options}), "server", key)
+        # a pretrained, adapted backbone (HetVQA) is built with the run's backbone options unless overridden
+        base = getattr(self.run.data, "backbone_options", {}).get(spec.arch, {})
+        return self.run.new_module(ModuleSpec.of(spec.arch, **{**base, **spec.kwargs, **options}), "server", key)
 
 
 def sampling_schedule(seed: int, num_clients: int, rounds: int, participation: float) -> list[list[int]]:

@@ -116,8 +116,7 @@ def run_experiment(
         "executor": runtime.executor,
         "setup_time_s": setup_s,
         "clients": prepared.clients,
-        "partition": {"scheme": config.data.partition, "label_counts": prepared.run.data.label_counts().tolist(),
-                      "public_size": len(prepared.run.data.public)},
+        **_data_facts(prepared),
         "environment": {"hetpfl": __version__, "python": platform.python_version(), "numpy": np.__version__},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -125,6 +124,21 @@ def run_experiment(
     for name, (images, labels) in visuals.items():
         save_image_grid(out / f"{name}.png", images, prepared.run.data.value_range, labels, title=name.replace("_", " "))
     return summary
+
+
+def _data_facts(prepared: Prepared) -> dict[str, Any]:
+    """The summary's record of the data: a HetVQA scenario (tasks per client, task switches), else
+    the partition (client × class counts)."""
+    data, config = prepared.run.data, prepared.config
+    scenario = getattr(data, "scenario", None)
+    if scenario is not None:
+        switches = [k * scenario.rounds_per_task for k in range(1, scenario.tasks_per_client)] if scenario.mode == "dynamic" else []
+        return {"scenario": {"name": scenario.name, "mode": scenario.mode, "rounds_per_task": scenario.rounds_per_task,
+                             "task_switches": [r for r in switches if r < config.rounds],
+                             "tasks": [list(c.tasks) for c in scenario.clients],
+                             "unseen": {k: list(v) for k, v in scenario.unseen.items()}}}
+    return {"partition": {"scheme": config.data.partition, "label_counts": data.label_counts().tolist(),
+                          "public_size": len(data.public)}}
 
 
 __all__ = ["CHECKPOINTS", "ExperimentConfig", "Prepared", "execute", "load_config", "prepare", "run_experiment"]

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -47,6 +48,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     written.append(_save(fig, run_dir / "accuracy.png"))
+    if "scenario" in summary:
+        written.append(plot_clients_over_tasks(run_dir, summary))
     counts = np.asarray(summary.get("partition", {}).get("label_counts", []))
     if counts.size:
         fig, ax = plt.subplots(figsize=(max(4, 0.35 * counts.shape[1] + 2), max(3, 0.22 * counts.shape[0] + 1.5)))
@@ -58,6 +61,30 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, run_dir / "partition.png"))
     return written
+
+
+def plot_clients_over_tasks(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """``clients.png``: every client's own score per round (Self exact match), the mean on the
+    other clients' tasks (Others, dotted), and the rounds where the clients switch task (dashed)."""
+    rows = read_metrics(run_dir)
+    rounds = [r["round"] + 1 for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    per_client = np.array([[np.nan if v is None else 100 * v for v in r["client_acc"]] for r in rows])
+    colors = plt.cm.tab10(np.linspace(0, 1, 10))
+    for client in range(per_client.shape[1]):
+        ax.plot(rounds, per_client[:, client], marker=".", lw=1, color=colors[client % 10], label=f"client {client}")
+    others = [100 * r["others_mean"] if r.get("others_mean") is not None else np.nan for r in rows]
+    ax.plot(rounds, others, ls=":", lw=2, color="black", label="Others (mean)")
+    for switch in summary["scenario"]["task_switches"]:
+        ax.axvline(switch + 0.5, ls="--", color="grey", alpha=0.7)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("round (dashed: task switch)")
+    ax.set_ylabel("exact match on the tasks met so far (%)")
+    ax.set_title(f"{summary.get('algorithm')} on hetvqa/{summary['scenario']['name']}: each client (Self)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return _save(fig, run_dir / "clients.png")
 
 
 def plot_comparison(groups: dict[str, Sequence[str | Path]], out_path: str | Path) -> Path:

@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import sys
+from pathlib import Path
+
 import yaml
 
 from .algorithms import get_algorithm
 from .config import ExperimentConfig, load_config
-from .configuration import ConfigError, FieldError, require
-from .data import build_federated_data, load_dataset
+from .configuration import ConfigError, FieldError, build_dataclass, require
+from .data import HETVQA, build_federated_data, load_dataset
 from .engine import RunSpec, assign_architectures
 from .models import ModuleSpec, build_module, count_flops, count_parameters
 
@@ -34,6 +37,12 @@ def prepare(config: ExperimentConfig) -> Prepared:
     """Load data, partition, assign architectures and check that everything fits, before training."""
     spec = get_algorithm(config.algorithm["name"])
     d = config.data
+    wanted = "vqa" if d.dataset == HETVQA else "classification"
+    if spec.task_kind != wanted:
+        raise ConfigError(f"algorithm.name={spec.name!r}: a {spec.task_kind} method cannot run on data.dataset="
+                          f"{d.dataset!r} ({wanted}); methods for it: {', '.join(_methods_for(wanted))}")
+    if d.dataset == HETVQA:
+        return _prepare_hetvqa(config, spec)
     try:
         source = load_dataset(d.dataset, d.data_dir, **d.options)
     except (TypeError, ValueError) as exc:
@@ -94,6 +103,84 @@ def prepare(config: ExperimentConfig) -> Prepared:
         except ValueError as exc:
             raise ConfigError(f"algorithm '{spec.name}': {exc}") from None
     return Prepared(config=config, run=run, clients=clients)
+
+
+def _methods_for(task_kind: str) -> list[str]:
+    from .algorithms import ALGORITHMS  # noqa: PLC0415
+
+    return sorted(name for name, s in ALGORITHMS.items() if s.task_kind == task_kind)
+
+
+def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
+    """A HetVQA run: the scenario's clients and models, each model's pretrained backbone (trained
+    once and cached; progress on stderr), and the federated view of the scenario's examples."""
+    from .backbones import pretrained_backbone  # noqa: PLC0415
+    from .data.hetvqa import (  # noqa: PLC0415
+        SOURCES,
+        HetVQAOptions,
+        build_hetvqa_data,
+        load_image_pool,
+        parse_scenario,
+        parse_task,
+        read_scenario,
+        vocabulary,
+    )
+    from .models import VLM_ARCHITECTURES  # noqa: PLC0415
+
+    d = config.data
+    options = build_dataclass(HetVQAOptions, d.options, "data.options")
+    key = "data.options.scenario"
+    if isinstance(options.scenario, str):
+        # the file's content replaces its path in the run's config: the results folder's config.yaml
+        # and every Flower client then carry the scenario itself, wherever they run
+        d.options["scenario"] = read_scenario(options.scenario, key)
+        if isinstance(d.options["scenario"], dict):
+            d.options["scenario"].setdefault("name", Path(options.scenario).stem)
+    elif not isinstance(options.scenario, dict):
+        raise FieldError(key, options.scenario, "name a scenario file (configs/hetvqa/*.yaml) or give the scenario "
+                                                "as a mapping")
+    scenario = parse_scenario(d.options["scenario"], VLM_ARCHITECTURES, where=key)
+    require(d.num_clients == len(scenario.clients), "data.num_clients", d.num_clients,
+            f"must equal the scenario's clients ({len(scenario.clients)} in {scenario.name})")
+    require(config.rounds <= scenario.num_rounds, "rounds", config.rounds,
+            f"at most the scenario's {scenario.num_rounds} rounds ({scenario.tasks_per_client} tasks x "
+            f"{scenario.rounds_per_task} rounds per task)")
+    recipe = config.models.pretrain
+    named = [*scenario.task_names, *(t for tasks in scenario.unseen.values() for t in tasks)]
+    sources = {parse_task(t)[0].source for t in named} | set(recipe.sources)
+    pool = load_image_pool(tuple(s for s in SOURCES if s in sources), d.data_dir)
+    data = build_hetvqa_data(scenario, pool, vocabulary(), train_per_task=options.train_per_task,
+                             test_per_task=options.test_per_task, others_per_task=options.others_per_task,
+                             adaptation_steps=options.adaptation_steps,
+                             adaptation_examples=options.adaptation_examples, seed=config.seed)
+    data.final_round = config.rounds - 1
+    archs = [c.model for c in scenario.clients]
+    facts = {}
+    for arch in sorted(set(archs)):
+        backbone = pretrained_backbone(arch, recipe, pool=pool, progress=_pretraining_progress(arch))
+        data.backbone_options[arch] = {"pretrained": backbone.pretraining["checksum"],
+                                       **config.models.lora.builder_options()}
+        facts[arch] = {"params": sum(p.numel() for p in backbone.parameters()),
+                       "pretraining_exact_match": backbone.pretraining["test_exact_match"]}
+    clients = [{"id": i, "arch": arch, "params": facts[arch]["params"], "tasks": list(scenario.clients[i].tasks),
+                "n_train": len(data.client_train[i]), "n_test": len(data.client_test[i])}
+               for i, arch in enumerate(archs)]
+    run = RunSpec(algorithm=spec, algorithm_config=config.algorithm_config(), training=config.client, data=data,
+                  client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
+                  eval_every=config.eval_every, compression=config.runtime.compression,
+                  stateless_clients=config.runtime.client_state == "none")
+    if run.stateless_clients:
+        raise ConfigError("runtime.client_state='none': HetVQA clients keep their replay memory and adapters between "
+                          "rounds (use memory or disk)")
+    return Prepared(config=config, run=run, clients=clients)
+
+
+def _pretraining_progress(arch: str):
+    """Print a line to stderr every tenth of a backbone's pretraining (it runs once, then is cached)."""
+    def report(step: int, total: int, loss: float) -> None:
+        if step % max(1, total // 10) == 0 or step == total:
+            print(f"pretraining {arch}: {step}/{total} steps, loss {loss:.3f}", file=sys.stderr, flush=True)
+    return report
 
 
 def run_from_yaml(experiment_yaml: str, data_dir: str | None = None) -> RunSpec:

@@ -31,6 +31,7 @@ from ..models import ModuleSpec
 from ..rng import numpy_rng, torch_generator
 from ..state import ClientState
 
+TASK_KINDS = ("classification", "vqa")  # AlgorithmSpec.task_kind
 MAIN_SLOT = "model"  # the slot every method has unless it declares otherwise; ``ctx.model``
 EVALUATE_STAGE = "evaluate"
 TASK_COUNTS = ArrayField(dtype="int64", shape=("num_tasks",))
@@ -86,6 +87,9 @@ class ClientContext:
     num_tasks: int = 0  # tasks in the data (0: no task ids)
     value_range: tuple[float, float] | None = None  # bounds of the normalized inputs (for generators)
     leaked_public_labels: np.ndarray | None = None
+    # data whose samples are references (HetVQA): the shared example store they point into and this
+    # round's extra evaluation splits (``data.client_examples``); None for array datasets
+    examples: Any = None
 
     @property
     def model(self) -> nn.Module:
@@ -151,6 +155,9 @@ class ServerSetup:
     value_range: tuple[float, float] | None = None  # bounds of the normalized inputs (for generators)
     input_kind: str = ""  # image, vector or tokens
     clock: PhaseClock = field(default_factory=PhaseClock)  # time the server's phases (not saved)
+    # data whose samples are references (HetVQA): ``examples(n) -> (pool, example sets)``, examples
+    # the server may use (a generic mix, never a client's); None for array datasets
+    examples: Callable[[int], Any] | None = None
 
     def rng(self, *keys: str | int) -> np.random.Generator:
         return numpy_rng(self.seed, "server", *keys)
@@ -289,11 +296,16 @@ class AlgorithmSpec:
     uses_public: bool = False
     stateful_clients: bool = True  # clients keep something between rounds (refuses runtime.client_state=none)
     client_modules: Callable[[str, Any, Any], Mapping[str, ModuleSpec]] = field(default=default_client_modules)
+    # what the method's clients learn: "classification" (array datasets) or "vqa" (HetVQA scenarios,
+    # LoRA-adapted vision-language clients); prepare refuses a method on the other kind of data
+    task_kind: str = "classification"
     # check_run(config, run) raises FieldError/ValueError for a run this method cannot do (e.g. more
     # clusters than clients, architectures without width support); prepare calls it before training
     check_run: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self) -> None:
+        if self.task_kind not in TASK_KINDS:
+            raise ValueError(f"algorithm '{self.name}': task_kind {self.task_kind!r} is not one of {', '.join(TASK_KINDS)}")
         for stage in list(self.schemas) + [EVALUATE_STAGE]:
             if not stage.isidentifier() or stage.startswith("_"):
                 raise ValueError(f"algorithm '{self.name}': stage {stage!r} must be a Python identifier "
@@ -385,6 +397,7 @@ __all__ = [
     "EVALUATE_STAGE",
     "EVALUATE_WITH_WEIGHTS",
     "MAIN_SLOT",
+    "TASK_KINDS",
     "ModuleFactory",
     "PhaseClock",
     "NoConfig",

@@ -36,8 +36,15 @@ from hetpfl.data.sources import (
     resolve_data_dir,
 )
 
+#: What ``data.dataset`` may name: a registered dataset, or ``hetvqa`` (hetpfl's multi-modal benchmark,
+#: :mod:`hetpfl.data.hetvqa`, whose federated view comes from a scenario file, not a partition).
+HETVQA = "hetvqa"
+DATASET_NAMES: tuple[str, ...] = (*DATASETS, HETVQA)
+
 __all__ = [
     "CIFAR10_CLASSES",
+    "DATASET_NAMES",
+    "HETVQA",
     "DATASETS",
     "DRIFT_SCHEMES",
     "FEATURE_SHIFTS",

@@ -14,7 +14,7 @@ from ..data.hetvqa import Batch, ReplayMemory, TaskExamples, Vocabulary, exact_m
 from ..data.hetvqa.images import ImagePool
 from ..models.vlm import greedy_answer
 
-__all__ = ["answer_loss", "example_batches", "memory_batches", "mixed_answer_loss", "score_answers"]
+__all__ = ["answer_logits", "answer_loss", "answer_scores", "example_batches", "memory_batches", "mixed_answer_loss", "score_answers"]
 
 
 def _answer_positions(batch: Batch) -> Tensor:
@@ -24,12 +24,18 @@ def _answer_positions(batch: Batch) -> Tensor:
     return (pos >= start) & (pos < start + batch.answer_len[:, None])
 
 
-def answer_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """Mean next-token cross-entropy over the answer words and ``<eos>`` (prompts are not scored)."""
+def answer_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """``model``'s logits at the positions that predict an answer word or ``<eos>`` (N, vocab), and
+    the tokens they should predict (N,)."""
     logits = model(batch.images, batch.image_mask, batch.text)
     where = _answer_positions(batch)
     targets = torch.roll(batch.text, shifts=-1, dims=1)  # position p predicts token p + 1
-    return F.cross_entropy(logits[where], targets[where])
+    return logits[where], targets[where]
+
+
+def answer_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Mean next-token cross-entropy over the answer words and ``<eos>`` (prompts are not scored)."""
+    return F.cross_entropy(*answer_logits(model, batch))
 
 
 def example_batches(pool: ImagePool, sets: Sequence[TaskExamples], batch_size: int,
@@ -63,25 +69,32 @@ def mixed_answer_loss(model: nn.Module, batches: Sequence[Batch]) -> Tensor:
 
 
 @torch.no_grad()
+def answer_scores(model: nn.Module, pool: ImagePool, examples: TaskExamples, rows: np.ndarray, vocab: Vocabulary,
+                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy answers to the examples at ``rows``: per example, ``exact_match`` and ``token_f1`` (0..1)."""
+    was_training = model.training
+    model.eval()
+    rows = np.asarray(rows, dtype=np.int64)
+    em, f1 = np.zeros(rows.size), np.zeros(rows.size)
+    try:
+        for start in range(0, rows.size, batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = make_batch(pool, examples, chunk)
+            answer = greedy_answer(model, batch.images, batch.image_mask, batch.text, batch.prompt_len,
+                                   max_new_tokens=int(batch.answer_len.max()), eos_id=vocab.eos_id)
+            for i, row in enumerate(chunk):
+                reference = vocab.decode(examples.text[row, int(examples.prompt_len[row]):])
+                predicted = vocab.decode(answer[i].tolist())
+                em[start + i] = exact_match(predicted, reference)
+                f1[start + i] = token_f1(predicted, reference)
+    finally:
+        model.train(was_training)
+    return em, f1
+
+
 def score_answers(model: nn.Module, pool: ImagePool, examples: TaskExamples, vocab: Vocabulary,
                   batch_size: int = 128) -> dict[str, float]:
     """Greedy answers to every example: mean ``exact_match`` and ``token_f1`` (0..1)."""
-    was_training = model.training
-    model.eval()
-    em = f1 = 0.0
-    try:
-        for start in range(0, len(examples), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(examples)))
-            batch = make_batch(pool, examples, rows)
-            answer = greedy_answer(model, batch.images, batch.image_mask, batch.text, batch.prompt_len,
-                                   max_new_tokens=int(batch.answer_len.max()), eos_id=vocab.eos_id)
-            for i, row in enumerate(rows):
-                start_at = int(examples.prompt_len[row])
-                reference = vocab.decode(examples.text[row, start_at:])
-                predicted = vocab.decode(answer[i].tolist())
-                em += exact_match(predicted, reference)
-                f1 += token_f1(predicted, reference)
-    finally:
-        model.train(was_training)
+    em, f1 = answer_scores(model, pool, examples, np.arange(len(examples)), vocab, batch_size)
     n = max(len(examples), 1)
-    return {"exact_match": em / n, "token_f1": f1 / n}
+    return {"exact_match": float(em.sum()) / n, "token_f1": float(f1.sum()) / n}

@@ -24,18 +24,39 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ADAPTERS", "GATES", "LoRALinear", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
+from ..configuration import Validated, option
+
+__all__ = ["ADAPTERS", "GATES", "LoRALinear", "LoRAOptions", "adapter_mix", "adapter_parameters", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
            "trainable_parameters"]
 
 #: The adapters of a dual layer: ``local`` (trained, uploaded) and ``global`` (received, frozen).
 ADAPTERS = ("local", "global")
 #: How a dual layer mixes its two adapters (module docstring).
 GATES = ("scalar", "input")
+
+
+@dataclass(frozen=True)
+class LoRAOptions(Validated):
+    """The adapters of a run's clients (the config's ``models.lora``)."""
+
+    rank: int = option(8, ge=1)  # r
+    alpha: float = option(16.0, gt=0)  # the scale is alpha / r
+    dropout: float = option(0.0, ge=0, lt=1)  # on the adapter's input
+    gate: str = option("scalar", choices=GATES)  # how dual adapters are mixed (module docstring)
+
+    def builder_options(self) -> dict[str, Any]:
+        """The vision-language model builder's options for these adapters."""
+        return {"lora_rank": self.rank, "lora_alpha": float(self.alpha), "lora_dropout": float(self.dropout),
+                "lora_gate": self.gate}
 
 
 class LoRAAdapter(nn.Module):
@@ -66,6 +87,7 @@ class LoRALinear(nn.Module):
         self.adapters = nn.ModuleDict({n: LoRAAdapter(base.in_features, base.out_features, rank) for n in names})
         self.gate_kind = gate if dual else None
         self.gate_noise = gate_noise
+        self.mix: Tensor | None = None  # a fixed global share (adapter_mix), else the gate decides
         if dual:
             self.adapters["global"].requires_grad_(False)
             if gate == "scalar":
@@ -87,7 +109,10 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def gate(self, x: Tensor) -> Tensor:
-        """β̃, the global adapter's share: a scalar, or one value per sample (broadcast over tokens)."""
+        """β̃, the global adapter's share: a scalar, or one value per sample (broadcast over tokens);
+        a share set by :func:`adapter_mix` replaces the learned gate."""
+        if self.mix is not None:
+            return self.mix.reshape(-1, *([1] * (x.dim() - 1))) if self.mix.dim() else self.mix
         if self.gate_kind == "scalar":
             return torch.sigmoid(self.beta)
         logit = x @ self.w_gate
@@ -144,6 +169,24 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     return [prefix + name for name, _ in targets]
 
 
+@contextmanager
+def adapter_mix(model: nn.Module, share: float | Tensor) -> Iterator[None]:
+    """Within the block, every dual layer of ``model`` gives its global adapter the fixed share
+    ``share`` (0: the local adapter alone, 1: the global one alone, ½: their average; a (B,) tensor:
+    one share per sample) instead of its gate's."""
+    layers = [layer for layer in lora_layers(model).values() if layer.gate_kind is not None]
+    if not layers:
+        raise ValueError("adapter_mix: the model has no dual adapters (add_lora with dual=True)")
+    value = torch.as_tensor(share, dtype=torch.float32)
+    for layer in layers:
+        layer.mix = value
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.mix = None
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's adapted layers by name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -188,6 +231,12 @@ def load_adapter_state(model: nn.Module, state: dict[str, Tensor], which: str = 
         if tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(f"adapter tensor {key!r}: shape {tuple(value.shape)}, the model's is {tuple(own[key].shape)}")
         own[key].copy_(value)
+
+
+def adapter_parameters(model: nn.Module, which: str = "local") -> list[nn.Parameter]:
+    """The live parameters of adapter ``which`` (or the gates), in layer order (what an optimizer
+    updates when a method trains that adapter alone)."""
+    return list(_adapter_tensors(model, which).values())
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -38,11 +38,11 @@ from hetpfl.rng import numpy_rng
 from .images import PRETRAIN_SUBSET
 from .tasks import parse_task
 
-__all__ = ["MODES", "ClientPlan", "ReplayMemory", "Scenario", "load_scenario", "parse_scenario"]
+__all__ = ["MODES", "UNSEEN_KINDS", "ClientPlan", "ReplayMemory", "Scenario", "load_scenario", "parse_scenario", "read_scenario"]
 
 MODES = ("dynamic", "static")
 _KEYS = ("name", "mode", "rounds_per_task", "clients", "unseen")
-_UNSEEN_KINDS = ("new_type", "new_domain")
+UNSEEN_KINDS = ("new_type", "new_domain")  # unseen tasks: a new question type; a known type in a new domain
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,11 @@ def parse_scenario(tree: Any, models: Collection[str], where: str = "scenario") 
         plans.append(ClientPlan(str(client["model"]), names))
     unseen_tree = tree.get("unseen") or {}
     if not isinstance(unseen_tree, dict):
-        raise FieldError(f"{where}.unseen", unseen_tree, f"must be a mapping with keys {', '.join(_UNSEEN_KINDS)}")
+        raise FieldError(f"{where}.unseen", unseen_tree, f"must be a mapping with keys {', '.join(UNSEEN_KINDS)}")
     unseen = {}
     for kind, tasks in unseen_tree.items():
-        if kind not in _UNSEEN_KINDS:
-            raise FieldError(f"{where}.unseen.{kind}", tasks, f"unknown kind; kinds: {', '.join(_UNSEEN_KINDS)}")
+        if kind not in UNSEEN_KINDS:
+            raise FieldError(f"{where}.unseen.{kind}", tasks, f"unknown kind; kinds: {', '.join(UNSEEN_KINDS)}")
         unseen[kind] = tuple(_check_task(f"{where}.unseen.{kind}[{j}]", t) for j, t in enumerate(tasks or []))
     trained = {t for p in plans for t in p.tasks}
     for kind, tasks in unseen.items():
@@ -168,16 +168,20 @@ def parse_scenario(tree: Any, models: Collection[str], where: str = "scenario") 
     return Scenario(str(tree.get("name", where)), mode, rounds, tuple(plans), unseen)
 
 
-def load_scenario(path: str | Path, models: Collection[str]) -> Scenario:
-    """Read and check a scenario file (see :func:`parse_scenario`)."""
+def read_scenario(path: str | Path, key: str = "scenario") -> Any:
+    """The parsed YAML of a scenario file (unchecked); errors name ``key``."""
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as err:
-        raise FieldError("scenario", str(path), f"cannot be read ({err.strerror})") from None
+        raise FieldError(key, str(path), f"cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise FieldError("scenario", str(path), f"is not valid YAML ({err})") from None
-    return parse_scenario(tree, models, where=path.stem)
+        raise FieldError(key, str(path), f"is not valid YAML ({err})") from None
+
+
+def load_scenario(path: str | Path, models: Collection[str]) -> Scenario:
+    """Read and check a scenario file (see :func:`parse_scenario`)."""
+    return parse_scenario(read_scenario(path), models, where=Path(path).stem)
 
 
 class ReplayMemory:

@@ -1,0 +1,111 @@
+"""PerAda (Xie et al., "PerAda: Parameter-Efficient Federated Learning Personalization with
+Generalization Guarantees", CVPR 2024) on LoRA clients: Ditto's personal adapters, and a global
+adapter improved on the server by distilling the clients' ensemble on unlabeled server data.
+
+Every round t:
+  SERVER  sends w^t_a, the global adapter of the client's architecture a;
+  CLIENT  Ditto's local round (:mod:`.ditto_lora`): the global copy w_k trained from w^t, the
+          personal adapter v_k pulled towards w^t; uploads w_k and n_k;
+  SERVER  w̄_a = Σ n_k w_k / Σ n_k per architecture; then, for every architecture, the student (its
+          backbone with w̄_a) is distilled for one pass over the server's ``server_examples``
+          examples per source and template towards the ensemble — the mean answer logits of every
+          client's uploaded model, of any architecture (all share the vocabulary): KL at temperature
+          T, over the answer tokens; w^{t+1}_a is the distilled adapter.
+
+Choices (FedMosaic's code, as the paper is silent on them for vision-language adapters): T = 2 with
+no T² factor; the server's data is a generic instruction mix the clients never train on — here the
+pretraining mix's questions on the pretraining subset's images (FedMosaic: 80 examples of LLaVA's
+mix); the distillation uses the shared optimizer options and batch size. Like Ditto, the personal
+adapter stays on the client (FedMosaic's code also averages it: ``share_personal: true``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..configuration import Validated, option
+from ..data.hetvqa import make_batch
+from ..learn.loop import Objective, optimize
+from ..learn.losses import distillation_kl
+from ..learn.vlm import answer_logits
+from ..messages import Message
+from ..models.lora import trainable_parameters
+from .base import AlgorithmSpec, Comm, ServerSetup
+from .ditto_lora import PERSONAL, DittoLoRAClient, DittoLoRAServer, ditto_modules
+from .vqa import ADAPTERS_ROUND, VQA_EVALUATE, adapter_arrays, average_by_architecture, load_adapter_arrays
+
+
+@dataclass
+class PerAdaConfig(Validated):
+    lam: float = option(0.001, ge=0)  # Ditto's λ (FedMosaic's code)
+    step_fraction: float = option(0.5, gt=0)  # of the shared routine's steps (two updates per batch)
+    share_personal: bool = False  # FedMosaic's code: the personal adapters are averaged too
+    server_examples: int = option(10, ge=1)  # per pretraining template and source, for the distillation
+    temperature: float = option(2.0, gt=0)  # T of the server's distillation
+
+
+class PerAdaServer(DittoLoRAServer):
+    def __init__(self, config: PerAdaConfig, setup: ServerSetup) -> None:
+        super().__init__(config, setup)
+        if setup.examples is None:
+            raise ValueError("perada needs server-side examples (a HetVQA run)")
+        self.students = {arch: setup.build_model(arch, "student") for arch in sorted(set(setup.client_archs))}
+
+    def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
+        archs = self.setup.client_archs
+        replies = comm.ask("train", {c: Message(dict(self.global_adapters[archs[c]])) for c in clients})
+        if not replies:
+            return {}
+        self.global_adapters.update(average_by_architecture(replies, archs))
+        with self.setup.clock.phase("distill"):
+            return self.distill(rnd, replies)
+
+    def distill(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        pool, sets = self.setup.examples(self.config.server_examples)
+        rng = self.setup.rng("distill", rnd)
+        size = self.setup.training.batch_size
+        batches = [make_batch(pool, s, np.sort(rows)) for s in sets
+                   for rows in np.array_split(rng.permutation(len(s)), max(1, len(s) // size))]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        teacher = [torch.zeros(0)] * len(batches)
+        archs = self.setup.client_archs
+        with torch.no_grad():  # the ensemble: mean answer logits of the clients' uploaded models
+            for client, reply in replies.items():
+                model = self.students[archs[client]].eval()
+                load_adapter_arrays(model, {k: v for k, v in reply.arrays.items() if not k.startswith(PERSONAL)})
+                for i, batch in enumerate(batches):
+                    logits = answer_logits(model, batch)[0] / len(replies)
+                    teacher[i] = logits if teacher[i].numel() == 0 else teacher[i] + logits
+        losses = {}
+        t = self.config.temperature
+        for arch, student in self.students.items():
+            adapters = self.global_adapters[arch]
+            load_adapter_arrays(student, {k: v for k, v in adapters.items() if not k.startswith(PERSONAL)})
+            def loss(step, student=student):  # KL to the ensemble at T, without T² (FedMosaic's code)
+                batch, target = step
+                return distillation_kl(answer_logits(student, batch)[0], target, t).mean() / t**2
+
+            result = optimize(Objective(loss, trainable_parameters(student), self.setup.training.optim(),
+                                        train=(student,)), list(zip(batches, teacher)))
+            adapters.update(adapter_arrays(student))
+            losses[f"distill_loss_{arch}"] = result["loss"]
+        return losses
+
+
+class PerAdaClient(DittoLoRAClient):
+    """Ditto's client (personal adapter anchored at the received global one)."""
+
+
+SPEC = AlgorithmSpec(
+    name="perada",
+    config_cls=PerAdaConfig,
+    server_cls=PerAdaServer,
+    client_cls=PerAdaClient,
+    schemas={"train": ADAPTERS_ROUND, "evaluate": VQA_EVALUATE},
+    summary="PerAda on LoRA clients: Ditto's personal adapters, global adapters distilled from the clients' ensemble.",
+    client_modules=ditto_modules,
+    task_kind="vqa",
+)

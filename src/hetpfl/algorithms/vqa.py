@@ -1,0 +1,273 @@
+"""Shared pieces of the methods on HetVQA's LoRA-adapted vision-language clients (``task_kind="vqa"``).
+
+* :func:`vqa_module` / :func:`vqa_modules`: a client's slot — its architecture's pretrained backbone
+  with adapters (``data.backbone_options``, filled in by ``prepare``), single or dual;
+* the replay memory (:func:`receive`): each round's arrivals join the client's memory, kept in its
+  state as arrays; :func:`train_on_memory` is the client routine — batches drawn from the memory
+  (favouring rarely used examples), the answer loss, the shared optimizer options, for
+  ``ceil(client.local_epochs × arrivals / client.batch_size)`` steps (at least one);
+* :class:`VQAClient`: the evaluate stage every such method shares — **Self** exact match (the
+  ``accuracy``) with per-task counts, **Others** exact match, Self token F1, and forgetting (the
+  mean drop on earlier tasks from their best so far);
+* adapters as message arrays (:func:`adapter_arrays`, :func:`load_adapter_arrays`) and the
+  per-architecture average (:func:`average_by_architecture`): only adapter tensors travel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.hetvqa import UNSEEN_KINDS, Batch, ReplayMemory
+from ..learn.loop import Objective, optimize
+from ..learn.vlm import answer_loss, answer_scores, example_batches, memory_batches, mixed_answer_loss
+from ..messages import Message, Schema, StageSchema
+from ..models import ModuleSpec
+from ..models.lora import adapter_state, load_adapter_state, trainable_parameters
+from .base import EVALUATE_SCHEMA, MAIN_SLOT, Client, ClientContext, weight_fields
+from .weights import weighted_average
+
+#: Fast adaptation's scores (the last round only): exact match on each kind of unseen task before
+#: (``zeroshot_``) and after (``adapt_``) a few steps on it.
+ADAPTATION_SCALARS = tuple(f"{when}_{kind}" for kind in UNSEEN_KINDS for when in ("zeroshot", "adapt"))
+#: The evaluate stage of every VQA method: the default scores plus Others, token F1 and forgetting.
+VQA_EVALUATE = StageSchema(
+    down=EVALUATE_SCHEMA.down,
+    up=Schema(scalars={**EVALUATE_SCHEMA.up.scalars, "others": float, "token_f1": float, "forgetting": float,
+                       **{name: float for name in ADAPTATION_SCALARS}},
+              arrays=dict(EVALUATE_SCHEMA.up.arrays),
+              # undefined ones are left out: Others before any other client met a task of its own,
+              # forgetting before a task switch, fast adaptation before the last round
+              optional=EVALUATE_SCHEMA.up.optional | {"others", "forgetting", *ADAPTATION_SCALARS}),
+)
+#: Adapters down (the server's) and up (the client's), with the client's example count.
+ADAPTERS_ROUND = StageSchema(
+    down=Schema(prefix_arrays=weight_fields()),
+    up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int}),
+)
+
+
+def vqa_module(arch: str, data: Any, *, dual: bool = False) -> ModuleSpec:
+    """``arch``'s pretrained backbone with the run's adapters (``dual``: a frozen global and a
+    trainable local adapter mixed by the gate)."""
+    options = dict(getattr(data, "backbone_options", {}).get(arch, {}))
+    return ModuleSpec.of(arch, **options, **({"lora_dual": True} if dual else {}))
+
+
+def vqa_modules(arch: str, config: Any, data: Any = None) -> dict[str, ModuleSpec]:
+    """One slot, ``model``: the backbone with one trainable adapter."""
+    return {MAIN_SLOT: vqa_module(arch, data)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay memory and the client routine
+# ---------------------------------------------------------------------------------------------
+
+
+def _memory(ctx: ClientContext) -> ReplayMemory:
+    memory = ReplayMemory()
+    if "memory_task" in ctx.state:
+        names = ctx.examples.store.tasks
+        memory.keys = [(names[int(t)], int(i)) for t, i in zip(ctx.state["memory_task"], ctx.state["memory_index"])]
+        memory.counts = np.asarray(ctx.state["memory_count"], dtype=np.float64).copy()
+    return memory
+
+
+def _keep(ctx: ClientContext, memory: ReplayMemory) -> None:
+    ids = {name: i for i, name in enumerate(ctx.examples.store.tasks)}
+    ctx.state["memory_task"] = np.array([ids[t] for t, _ in memory.keys], dtype=np.int64)
+    ctx.state["memory_index"] = np.array([i for _, i in memory.keys], dtype=np.int64)
+    ctx.state["memory_count"] = memory.counts.copy()
+
+
+def receive(ctx: ClientContext) -> int:
+    """Add this round's arrivals (``ctx.train``) to the client's memory, once per round (a method
+    that trains twice in a round adds them once). Returns how many arrived."""
+    if ctx.state.get("memory_round", -1) < ctx.round:
+        memory = _memory(ctx)
+        for task, indices in ctx.examples.store.grouped(ctx.train).items():
+            memory.add(ctx.examples.store.tasks[task], indices)
+        _keep(ctx, memory)
+        ctx.state["memory_round"] = ctx.round
+    return len(ctx.train)
+
+
+def local_steps(ctx: ClientContext, fraction: float = 1.0) -> int:
+    """Optimizer steps of one local training: ``local_epochs`` passes' worth over this round's
+    arrivals, times ``fraction`` (a method that runs several passes per step takes fewer steps, as
+    FedMosaic's code equalizes compute), at least one."""
+    return max(1, math.ceil(fraction * ctx.training.local_epochs * len(ctx.train) / ctx.training.batch_size))
+
+
+BatchLoss = Callable[[Sequence[Batch]], torch.Tensor]
+
+
+@contextmanager
+def replay(ctx: ClientContext, stream: str = "fit") -> Iterator[Iterator[list[Batch]]]:
+    """This round's arrivals join the memory; within the block, endless steps drawn from it (one
+    batch per task in each step, ``client.batch_size`` examples in all); the updated use counts are
+    kept when the block ends. For methods that step several objectives on the same batches."""
+    receive(ctx)
+    memory = _memory(ctx)
+    store = ctx.examples.store
+    sets = {name: store.examples("train", i) for i, name in enumerate(store.tasks)}
+    yield memory_batches(store.pool, sets, memory, ctx.training.batch_size, ctx.rng(stream, "memory"))
+    _keep(ctx, memory)
+
+
+def train_on_memory(ctx: ClientContext, model: nn.Module | None = None, *, params: Sequence[torch.Tensor] | None = None,
+                    loss_fn: BatchLoss | None = None, penalty: Callable[[], torch.Tensor] | None = None,
+                    stream: str = "fit", steps: int | None = None, lr: float | None = None) -> dict[str, float]:
+    """The shared client routine on a VQA client: this round's arrivals join the memory, then
+    :func:`local_steps` steps on batches drawn from it (:func:`replay`). ``model``: which module
+    (default the ``model`` slot); ``params``: what is updated (default the model's trainable
+    tensors: its local adapter and gates); ``loss_fn(batches)``: the data term (default the answer
+    loss of ``model``); ``penalty()``: a term added to every step; ``steps``: instead of
+    :func:`local_steps`."""
+    model = ctx.model if model is None else model
+
+    def loss(step: Sequence[Batch]) -> torch.Tensor:
+        value = mixed_answer_loss(model, step) if loss_fn is None else loss_fn(step)
+        return value if penalty is None else value + penalty()
+
+    with replay(ctx, stream) as batches:
+        return optimize(Objective(loss, trainable_parameters(model) if params is None else params,
+                                  ctx.training.optim(lr), train=(model,)),
+                        batches, steps=local_steps(ctx) if steps is None else steps)
+
+
+def size_weighted(batches: Sequence[Batch], per_batch: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+    """``per_batch`` over one step's batches (one per task), weighted by their sizes."""
+    total = sum(int(b.text.shape[0]) for b in batches)
+    return sum(per_batch(b) * (b.text.shape[0] / total) for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: Self, Others, token F1, forgetting
+# ---------------------------------------------------------------------------------------------
+
+
+def _score(model: nn.Module, store: Any, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Exact match and token F1 of every reference in ``rows`` (in row order)."""
+    em, f1 = np.zeros(len(rows)), np.zeros(len(rows))
+    for task in np.unique(rows.x[:, 0]) if len(rows) else ():
+        where = np.flatnonzero(rows.x[:, 0] == task)
+        em[where], f1[where] = answer_scores(model, store.pool, store.examples("test", int(task)), rows.x[where, 1],
+                                             store.vocab)
+    return em, f1
+
+
+@torch.no_grad()
+def _answer_loss(model: nn.Module, store: Any, rows: Any) -> float:
+    from ..data.hetvqa import make_batch  # noqa: PLC0415
+
+    total, n = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for task in np.unique(rows.x[:, 0]) if len(rows) else ():
+        indices = rows.x[rows.x[:, 0] == task, 1]
+        for start in range(0, indices.size, 128):
+            chunk = indices[start:start + 128]
+            total += float(answer_loss(model, make_batch(store.pool, store.examples("test", int(task)), chunk))) * chunk.size
+            n += chunk.size
+    model.train(was_training)
+    return total / n if n else float("nan")
+
+
+def vqa_evaluation(model: nn.Module, ctx: ClientContext) -> Message:
+    """The evaluate stage's reply for ``model`` (module docstring). Forgetting: over the tasks met
+    before the ones arriving now, the mean of (best exact match in earlier evaluations − now); left
+    out when there are none (the first task, or every round of a static scenario), as is Others
+    when no other client has met a task this one does not train on."""
+    store = ctx.examples.store
+    em, f1 = _score(model, store, ctx.test)
+    others, _ = _score(model, store, ctx.examples.others)
+    correct = np.bincount(ctx.test.task, weights=em, minlength=ctx.num_tasks)
+    count = np.bincount(ctx.test.task, minlength=ctx.num_tasks)
+    accuracy = np.where(count > 0, correct / np.maximum(count, 1), np.nan)
+    best = np.asarray(ctx.state.get("best_task_acc", np.full(ctx.num_tasks, np.nan)), dtype=np.float64)
+    earlier = np.setdiff1d(np.flatnonzero(count > 0), np.unique(ctx.train.task))
+    earlier = earlier[~np.isnan(best[earlier])]
+    ctx.state["best_task_acc"] = np.fmax(best, accuracy)
+    scalars = {"accuracy": float(em.mean()), "loss": _answer_loss(model, store, ctx.test),
+               "num_examples": len(ctx.test), "token_f1": float(f1.mean())}
+    if others.size:
+        scalars["others"] = float(others.mean())
+    if earlier.size:
+        scalars["forgetting"] = float(np.mean(best[earlier] - accuracy[earlier]))
+    if ctx.examples.adaptation_steps:
+        scalars.update(fast_adaptation(model, ctx))
+    return Message({"task_correct": np.rint(correct).astype(np.int64), "task_count": count.astype(np.int64)}, scalars)
+
+
+def fast_adaptation(model: nn.Module, ctx: ClientContext) -> dict[str, float]:
+    """After the last round, for every unseen task: ``model``'s exact match on it, then again after
+    ``adaptation_steps`` steps of the answer loss on its training examples (the shared optimizer
+    options and batch size, the tensors training updates); the model is restored after each task.
+    Returns the mean over each kind's tasks (:data:`ADAPTATION_SCALARS`)."""
+    store, steps = ctx.examples.store, ctx.examples.adaptation_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    out = {}
+    for kind, sets in store.unseen.items():
+        before, after = [], []
+        for name, examples in sets.items():
+            rows = np.arange(len(examples.test))
+            before.append(answer_scores(model, store.pool, examples.test, rows, store.vocab)[0].mean())
+            batches = example_batches(store.pool, [examples.train], ctx.training.batch_size, ctx.rng("adapt", name))
+            optimize(Objective(lambda b: answer_loss(model, b), params, ctx.training.optim(), train=(model,)),
+                     batches, steps=steps)
+            after.append(answer_scores(model, store.pool, examples.test, rows, store.vocab)[0].mean())
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+        out[f"zeroshot_{kind}"], out[f"adapt_{kind}"] = float(np.mean(before)), float(np.mean(after))
+    return out
+
+
+class VQAClient(Client):
+    """Base client of the VQA methods: their shared evaluate stage, on :meth:`evaluated_model`."""
+
+    def evaluated_model(self, ctx: ClientContext) -> nn.Module:
+        """The client's personalized model (default the ``model`` slot)."""
+        return ctx.model
+
+    def evaluate(self, message: Message, ctx: ClientContext) -> Message:
+        return vqa_evaluation(self.evaluated_model(ctx), ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters as messages, averaged per architecture
+# ---------------------------------------------------------------------------------------------
+
+
+def adapter_arrays(model: nn.Module, which: str = "local") -> dict[str, np.ndarray]:
+    """One adapter's tensors as message arrays (``w.<layer>.lora_A`` ...)."""
+    return {f"w.{k}": v.numpy() for k, v in adapter_state(model, which).items()}
+
+
+def load_adapter_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray], which: str = "local") -> None:
+    """Write received adapter arrays into adapter ``which`` of ``model``."""
+    load_adapter_state(model, {k[2:]: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, which)
+
+
+def average_by_architecture(replies: Mapping[int, Message], archs: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per architecture, the example-weighted average of its clients' uploaded arrays (FedIT's rule:
+    adapters of different architectures have different shapes and are never mixed)."""
+    groups: dict[str, list[int]] = {}
+    for client in sorted(replies):
+        groups.setdefault(archs[client], []).append(client)
+    return {arch: weighted_average([dict(replies[c].arrays) for c in members],
+                                   [float(replies[c].scalars["num_examples"]) for c in members])
+            for arch, members in groups.items()}
+
+
+__all__ = ["ADAPTATION_SCALARS", "ADAPTERS_ROUND", "VQA_EVALUATE", "VQAClient", "adapter_arrays", "average_by_architecture", "fast_adaptation",
+           "load_adapter_arrays", "local_steps", "receive", "replay", "size_weighted", "train_on_memory", "vqa_evaluation",
+           "vqa_module", "vqa_modules"]

@@ -1,0 +1,170 @@
+"""HetVQA as federated data and the LoRA methods on it: per-round views, config errors, what travels,
+the replay memory, the Self/Others/forgetting measures, and the pieces the methods share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hetpfl.data.hetvqa as hv
+from hetpfl.algorithms import ALGORITHMS
+from hetpfl.algorithms.vqa import adapter_arrays, average_by_architecture
+from hetpfl.clienthost import ClientHost
+from hetpfl.configuration import ConfigError
+from hetpfl.engine import run_rounds
+from hetpfl.experiment import load_config, prepare, run_experiment
+from hetpfl.messages import Message
+from hetpfl.models import build_model
+from hetpfl.models.lora import adapter_mix, add_lora, lora_layers
+from hetpfl.simulator import InProcessTransport
+
+CONFIGS = Path(__file__).parent / "configs"
+TINY = CONFIGS / "hetvqa_tiny.yaml"
+VQA_METHODS = sorted(name for name, spec in ALGORITHMS.items() if spec.task_kind == "vqa")
+
+
+def tiny_config(method: str = "fedit", *overrides: str):
+    return load_config(CONFIGS / "alg" / "fedit.yaml", [f"algorithm={method}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def data():
+    from hetpfl.models import VLM_ARCHITECTURES
+
+    pool = hv.load_image_pool(("digits",))
+    scenario = hv.load_scenario(TINY, VLM_ARCHITECTURES)
+    return hv.build_hetvqa_data(scenario, pool, hv.vocabulary(), train_per_task=16, test_per_task=8,
+                                others_per_task=3, seed=0)
+
+
+def test_the_seven_baselines_are_registered_as_vqa_methods():
+    assert VQA_METHODS == ["ditto_lora", "feddat", "feddpa", "fedit", "fedsim", "perada", "sft"]
+
+
+def test_arrivals_deal_each_task_once_over_its_rounds(data):
+    for client, plan in enumerate(data.scenario.clients):
+        seen = []
+        for rnd in range(data.scenario.num_rounds):
+            arrived = data.train_at(client, rnd)
+            (task,) = np.unique(arrived.task)  # dynamic: one task a round, the current one
+            assert data.tasks[task] == plan.tasks[data.scenario.current_task(rnd)]
+            seen += [tuple(r) for r in arrived.x]
+        assert len(seen) == len(set(seen)) == len(data.client_train[client])  # every example once
+
+
+def test_self_grows_with_the_tasks_met_and_others_excludes_own_tasks(data):
+    first = data.test_at(0, 0)
+    assert set(np.unique(first.task)) == {data.tasks.index("parity_digits/0")}
+    later = data.test_at(0, 2)
+    assert {data.tasks[t] for t in np.unique(later.task)} == {"parity_digits/0", "recognize_digits/0"}
+    others = data.others_at(0, 2)
+    names = {data.tasks[t] for t in np.unique(others.task)}
+    assert names == {"parity_digits/1", "same_digits/0", "parity_digits/2", "recognize_digits/1"}
+    assert np.bincount(others.task).max() == 3  # others_per_task
+    assert {data.tasks[t] for t in np.unique(data.others_at(0, 0).task)} == {"parity_digits/1", "parity_digits/2"}
+
+
+def test_static_scenarios_mix_every_task_from_the_first_round(data):
+    from hetpfl.models import VLM_ARCHITECTURES
+
+    tree = hv.read_scenario(TINY)
+    static = hv.build_hetvqa_data(hv.parse_scenario({**tree, "mode": "static"}, VLM_ARCHITECTURES), data.store.pool,
+                                  data.store.vocab, train_per_task=16, test_per_task=8, seed=0)
+    assert len(np.unique(static.train_at(0, 0).task)) == 2
+    assert len(np.unique(static.test_at(0, 0).task)) == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm=fedavg"], "a classification method cannot run on data.dataset='hetvqa'"),
+    (["data.num_clients=4"], "data.num_clients=4"),
+    (["rounds=5"], "rounds=5"),
+    (["data.options.scenario=nowhere.yaml"], "data.options.scenario='nowhere.yaml'"),
+    (["data.options.scenario={mode: dynamic, clients: [{model: vlm_llama_s, tasks: [reading_mnist/0]}]}"],
+     "data.options.scenario.clients[0].tasks[0]='reading_mnist/0'"),
+    (["data.options.scenario={clients: [{model: vlm_huge, tasks: [parity_mnist/0]}]}"],
+     "data.options.scenario.clients[0].model='vlm_huge'"),
+    (["data.options.train_per_task=0"], "data.options.train_per_task=0"),
+    (["models.lora.gate=softmax"], "models.lora.gate='softmax'"),
+])
+def test_bad_hetvqa_configs_fail_clearly_before_training(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        prepare(load_config(CONFIGS / "alg" / "fedit.yaml", overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_vqa_method_refuses_array_data():
+    with pytest.raises(ConfigError, match="a vqa method cannot run on data.dataset='digits'"):
+        prepare(load_config(base={"algorithm": "sft", "data": {"dataset": "digits", "num_clients": 3}}))
+
+
+def test_only_adapters_travel_and_local_training_sends_nothing(tmp_path):
+    prepared = prepare(tiny_config("fedit"))
+    summary = run_experiment(prepared.config, tmp_path / "fedit")
+    model = prepared.run.new_module(prepared.run.client_modules(0)["model"], "probe")
+    expected = Message(adapter_arrays(model), {"num_examples": 0}).num_bytes
+    rows = [json.loads(line) for line in (tmp_path / "fedit" / "metrics.jsonl").read_text().splitlines()]
+    archs = prepared.run.client_archs
+    for row in rows:
+        for client, sent in enumerate(row["bytes_up_by_client"]):
+            if archs[client] == archs[0]:
+                assert sent == expected  # the adapter and one count, nothing else
+    backbone_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert expected < 0.1 * backbone_bytes
+    assert run_experiment(tiny_config("sft"), tmp_path / "sft")["bytes_up_total"] == 0
+    assert summary["bytes_up_total"] > 0
+
+
+def test_memory_keeps_every_arrival_once_and_forgetting_starts_after_the_switch(tmp_path):
+    run = prepare(tiny_config("ditto_lora")).run  # two trainings per round: arrivals still join once
+    host = ClientHost(run)
+    rows = []
+    run_rounds(run, InProcessTransport(host), on_round=rows.append)
+    for client in range(run.num_clients):
+        state = host.store.get(client).arrays
+        assert len(state["state/memory_task"]) == len(run.data.client_train[client])  # 4 rounds: both tasks
+        assert len(set(zip(state["state/memory_task"], state["state/memory_index"]))) == len(state["state/memory_task"])
+    assert ["forgetting_mean" in r for r in rows] == [False, False, True, True]
+    assert all(0 <= r["others_mean"] <= 1 for r in rows)
+
+
+def test_average_by_architecture_never_mixes_architectures():
+    def reply(value: float, n: int) -> Message:
+        return Message({"w.a": np.full(2, value, dtype=np.float32)}, {"num_examples": n})
+
+    out = average_by_architecture({0: reply(1.0, 1), 1: reply(4.0, 3), 2: reply(7.0, 5)}, ["s", "s", "m"])
+    assert np.allclose(out["s"]["w.a"], 3.25) and np.allclose(out["m"]["w.a"], 7.0)
+
+
+def test_adapter_mix_picks_one_adapter_or_a_per_sample_share():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    add_lora(model, rank=2, dual=True, scope="")
+    for layer in lora_layers(model).values():
+        for adapter in layer.adapters.values():
+            torch.nn.init.normal_(adapter.lora_B)
+    x = torch.randn(3, 6)
+    with adapter_mix(model, 1.0):
+        only_global = model(x)
+    with adapter_mix(model, 0.0):
+        only_local = model(x)
+    assert not torch.allclose(only_global, only_local)
+    with adapter_mix(model, torch.tensor([1.0, 0.0, 1.0])):
+        mixed = model(x)
+    assert torch.allclose(mixed[0], only_global[0]) and torch.allclose(mixed[1], only_local[1])
+    assert all(layer.mix is None for layer in lora_layers(model).values())  # restored after the block
+
+
+def test_fedsim_combinations_differ_but_both_start_as_the_base_model():
+    from hetpfl.algorithms.fedsim import SharedAndPersonal
+
+    torch.manual_seed(0)
+    shared, personal = (build_model("vlm_gpt_s", hv.IMAGE_SHAPE, len(hv.vocabulary()), lora_rank=2) for _ in range(2))
+    personal.load_state_dict(shared.state_dict())
+    inputs = shared.example_inputs(2)
+    base = shared(*inputs)
+    assert torch.allclose(SharedAndPersonal(shared, personal, "sum_adapters")(*inputs), base, atol=1e-6)
+    assert torch.allclose(SharedAndPersonal(shared, personal, "sum_logits")(*inputs), 2 * base, atol=1e-5)
