@@ -154,9 +154,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .data import DATASETS, DRIFT_SCHEMES, PARTITIONERS  # noqa: PLC0415
     from .models import ARCHITECTURES, AUXILIARY_ARCHITECTURES, VLM_ARCHITECTURES  # noqa: PLC0415
 
-    print("algorithms:")
+    print("algorithms: (on array datasets)")
     for name, spec in sorted(ALGORITHMS.items()):
-        print(f"  {name:10s} {spec.summary}")
+        if spec.task_kind == "classification":
+            print(f"  {name:10s} {spec.summary}")
+    print("algorithms on hetvqa (LoRA-adapted vision-language clients; docs/lora_baselines.md):")
+    for name, spec in sorted(ALGORITHMS.items()):
+        if spec.task_kind == "vqa":
+            print(f"  {name:10s} {spec.summary}")
     print("architectures:")
     for name, arch in sorted(ARCHITECTURES.items()):
         print(f"  {name:16s} {arch.description}")
@@ -167,7 +172,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("vision-language models (LoRA clients of the multi-modal benchmark):")
     for name, arch in VLM_ARCHITECTURES.items():
         print(f"  {name:14s} {arch.description}")
-    print("datasets:    " + ", ".join(DATASETS))
+    print("datasets:    " + ", ".join(DATASETS) + "; benchmark: hetvqa (a scenario file: configs/hetvqa/)")
     print("partitions:  " + ", ".join(PARTITIONERS))
     print("drift:       " + ", ".join(DRIFT_SCHEMES))
     return 0

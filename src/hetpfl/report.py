@@ -83,21 +83,25 @@ def summarize_groups(groups: dict[str, list[Path]]) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """A fixed set of columns (accuracies in %, bytes in MB per client per run, seconds): own models,
     every extra model on the clients' splits (``*_acc_mean``) and on the global test set
-    (``*_test_acc``), the clustering's ARI when a method reports one."""
+    (``*_test_acc``), a method's own evaluate scalars (other ``*_mean``: HetVQA's Others, token F1,
+    forgetting, fast adaptation), the clustering's ARI when a method reports one."""
     acc_keys = ["personalized_acc_mean", "personalized_acc_worst10"]
     extra = sorted({k for r in rows for k in r if k.endswith("_acc_mean") and k not in acc_keys})
     # on the global test set; numbered models (one per cluster: cluster0, cluster1...) stay in table.json
     # (their best, ``best_cluster_test_acc``, is shown)
     test_set = sorted({k for r in rows for k in r if k.endswith("_test_acc") and not k[: -len("_test_acc")][-1].isdigit()})
     ari = ["cluster_ari"] if any("cluster_ari" in r for r in rows) else []
+    # a method's own evaluate scalars (HetVQA: others, token_f1, forgetting, zeroshot_/adapt_<kind>)
+    scalars = sorted({k for r in rows for k in r if k.endswith("_mean") and not k.endswith("_acc_mean")
+                      and not k.startswith(("bytes_", "server."))})
     headers = ["run", "seeds", "own model acc %", "worst-10% acc %"] + [
         f"{k[: -len('_acc_mean')]} model acc %" for k in extra
-    ] + [f"{k[: -len('_test_acc')]} test-set acc %" for k in test_set] + (["cluster ARI"] if ari else []) + [
-        "MB up/client", "MB down/client", "wall s"]
+    ] + [f"{k[: -len('_test_acc')]} test-set acc %" for k in test_set] + [f"{k[: -len('_mean')]} %" for k in scalars] + (
+        ["cluster ARI"] if ari else []) + ["MB up/client", "MB down/client", "wall s"]
     lines = []
     for r in rows:
         cells = [r["group"], str(len(r["seeds"]))]
-        for key in acc_keys + extra + test_set:
+        for key in acc_keys + extra + test_set + scalars:
             cells.append(_pct(r.get(key)))
         cells += [f"{r['cluster_ari'][0]:.2f} ± {r['cluster_ari'][1]:.2f}" if "cluster_ari" in r else "—"
                   for _ in ari]
