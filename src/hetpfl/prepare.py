@@ -95,14 +95,20 @@ def prepare(config: ExperimentConfig) -> Prepared:
         eval_every=config.eval_every, compression=config.runtime.compression, leaked_public_labels=leaked,
         stateless_clients=stateless,
     )
-    if spec.check_run is not None:
-        try:
-            spec.check_run(algorithm_config, run)
-        except FieldError as exc:
-            raise FieldError(exc.key if "." in exc.key else f"algorithm.{exc.key}", exc.value, exc.rule) from None
-        except ValueError as exc:
-            raise ConfigError(f"algorithm '{spec.name}': {exc}") from None
+    _check_run(spec, algorithm_config, run)
     return Prepared(config=config, run=run, clients=clients)
+
+
+def _check_run(spec: Any, algorithm_config: Any, run: RunSpec) -> None:
+    """The method's own check of the run (``AlgorithmSpec.check_run``), its errors naming the key."""
+    if spec.check_run is None:
+        return
+    try:
+        spec.check_run(algorithm_config, run)
+    except FieldError as exc:
+        raise FieldError(exc.key if "." in exc.key else f"algorithm.{exc.key}", exc.value, exc.rule) from None
+    except ValueError as exc:
+        raise ConfigError(f"algorithm '{spec.name}': {exc}") from None
 
 
 def _methods_for(task_kind: str) -> list[str]:
@@ -155,6 +161,14 @@ def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
                              adaptation_examples=options.adaptation_examples, seed=config.seed)
     data.final_round = config.rounds - 1
     archs = [c.model for c in scenario.clients]
+    run = RunSpec(algorithm=spec, algorithm_config=config.algorithm_config(), training=config.client, data=data,
+                  client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
+                  eval_every=config.eval_every, compression=config.runtime.compression,
+                  stateless_clients=config.runtime.client_state == "none")
+    if run.stateless_clients:
+        raise ConfigError("runtime.client_state='none': HetVQA clients keep their replay memory and adapters between "
+                          "rounds (use memory or disk)")
+    _check_run(spec, run.algorithm_config, run)  # before pretraining: a bad setting fails in a second
     facts = {}
     for arch in sorted(set(archs)):
         backbone = pretrained_backbone(arch, recipe, pool=pool, progress=_pretraining_progress(arch))
@@ -165,13 +179,6 @@ def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
     clients = [{"id": i, "arch": arch, "params": facts[arch]["params"], "tasks": list(scenario.clients[i].tasks),
                 "n_train": len(data.client_train[i]), "n_test": len(data.client_test[i])}
                for i, arch in enumerate(archs)]
-    run = RunSpec(algorithm=spec, algorithm_config=config.algorithm_config(), training=config.client, data=data,
-                  client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
-                  eval_every=config.eval_every, compression=config.runtime.compression,
-                  stateless_clients=config.runtime.client_state == "none")
-    if run.stateless_clients:
-        raise ConfigError("runtime.client_state='none': HetVQA clients keep their replay memory and adapters between "
-                          "rounds (use memory or disk)")
     return Prepared(config=config, run=run, clients=clients)
 
 

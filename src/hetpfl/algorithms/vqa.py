@@ -53,11 +53,17 @@ ADAPTERS_ROUND = StageSchema(
 )
 
 
-def vqa_module(arch: str, data: Any, *, dual: bool = False) -> ModuleSpec:
+def vqa_module(arch: str, data: Any, *, dual: bool = False, **options: Any) -> ModuleSpec:
     """``arch``'s pretrained backbone with the run's adapters (``dual``: a frozen global and a
-    trainable local adapter mixed by the gate)."""
-    options = dict(getattr(data, "backbone_options", {}).get(arch, {}))
-    return ModuleSpec.of(arch, **options, **({"lora_dual": True} if dual else {}))
+    trainable local adapter mixed by the gate; ``options``: more builder options, e.g. PQ-LoRA's)."""
+    base = dict(getattr(data, "backbone_options", {}).get(arch, {}))
+    return ModuleSpec.of(arch, **{**base, **options, **({"lora_dual": True} if dual else {})})
+
+
+def backbone_only(arch: str, data: Any) -> ModuleSpec:
+    """``arch``'s pretrained backbone without adapters (e.g. FedMosaic's frozen proxy)."""
+    options = getattr(data, "backbone_options", {}).get(arch, {})
+    return ModuleSpec.of(arch, **{k: v for k, v in options.items() if not k.startswith("lora_")})
 
 
 def vqa_modules(arch: str, config: Any, data: Any = None) -> dict[str, ModuleSpec]:
@@ -268,6 +274,6 @@ def average_by_architecture(replies: Mapping[int, Message], archs: Sequence[str]
             for arch, members in groups.items()}
 
 
-__all__ = ["ADAPTATION_SCALARS", "ADAPTERS_ROUND", "VQA_EVALUATE", "VQAClient", "adapter_arrays", "average_by_architecture", "fast_adaptation",
+__all__ = ["ADAPTATION_SCALARS", "ADAPTERS_ROUND", "VQA_EVALUATE", "VQAClient", "adapter_arrays", "average_by_architecture", "backbone_only", "fast_adaptation",
            "load_adapter_arrays", "local_steps", "receive", "replay", "size_weighted", "train_on_memory", "vqa_evaluation",
            "vqa_module", "vqa_modules"]

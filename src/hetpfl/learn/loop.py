@@ -3,7 +3,7 @@ over the batches of a batch source. ``fit``, ``distill`` and generator or adapte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ class Objective:
     repeats: int = 1
     name: str = "loss"
     after_step: Callable[[], None] | None = None  # called after each optimizer step (e.g. an EMA update)
+    lr_scales: Mapping[int, float] | None = None  # {id(parameter): factor}: those learn at factor × lr
 
     def __post_init__(self) -> None:
         params = self.params.parameters() if isinstance(self.params, nn.Module) else self.params
@@ -78,7 +79,7 @@ def optimize(
     recorded: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     done = 0
     if steps != 0:
-        optimizers = [o.optim.build(o.params) for o in objectives]
+        optimizers = [o.optim.build(o.params, o.lr_scales) for o in objectives]
         leaves = [[p for p in o.params if p.requires_grad] for o in objectives]
         for o, trainable in zip(objectives, leaves):
             if not trainable:

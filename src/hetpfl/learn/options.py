@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +27,21 @@ class OptimOptions(Validated):
     max_grad_norm: float | None = option(None, gt=0)
     beta1: float = option(0.9, ge=0, lt=1)  # Adam's first-moment decay (DCGAN training uses 0.5)
 
-    def build(self, params: Iterable[torch.Tensor] | nn.Module) -> torch.optim.Optimizer:
-        """A fresh optimizer over ``params`` (any iterable of parameters, or a module's parameters)."""
+    def build(self, params: Iterable[torch.Tensor] | nn.Module,
+              lr_scales: Mapping[int, float] | None = None) -> torch.optim.Optimizer:
+        """A fresh optimizer over ``params`` (any iterable of parameters, or a module's parameters).
+        ``lr_scales``: ``{id(parameter): factor}`` for parameters that learn at ``factor × lr`` (e.g.
+        FedMosaic's P and Q); the others at ``lr``."""
         if isinstance(params, nn.Module):
             params = params.parameters()
+        groups: dict[float, list[torch.Tensor]] = {}
+        for p in params:
+            groups.setdefault(float((lr_scales or {}).get(id(p), 1.0)), []).append(p)
+        param_groups = [{"params": ps, "lr": self.lr * scale} for scale, ps in groups.items()]
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, betas=(self.beta1, 0.999), weight_decay=self.weight_decay)
+            return torch.optim.Adam(param_groups, lr=self.lr, betas=(self.beta1, 0.999), weight_decay=self.weight_decay)
         if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            return torch.optim.SGD(param_groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         raise ValueError(f"optimizer={self.optimizer!r} is not supported (allowed: {', '.join(OPTIMIZERS)})")
 
 

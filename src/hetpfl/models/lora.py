@@ -11,6 +11,11 @@ trainable ``local`` one, mixed by a gate β̃ ∈ (0, 1):
 * ``"input"`` — the official code's input-conditioned gate: β̃ = σ(mean over tokens of x·w_gate
   (+ noise of std softplus(x·w_noise) in training)), ``w_gate``/``w_noise`` ∈ R^{d_in} initialised 0.
 
+**PQ-LoRA** (FedMosaic's dimension-invariant module, ``add_lora(pq=...)``): at chosen layers the
+update is ``B (P A x + Q)`` with ``A`` and ``B`` frozen (:class:`PQBasis`) and only ``P`` (r × r) and
+``Q`` (r) trained, so models of different width share them; :func:`target_layers` picks the last
+layer of each of N_B blocks of relative depth (block alignment across depths).
+
 Only adapter tensors travel: :func:`adapter_state` returns the named tensors of one adapter (or the
 gates), :func:`load_adapter_state` writes them back into either adapter, so a client can upload its
 ``local`` adapter and receive a ``global`` one. The base model's weights never leave.
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configuration import Validated, option
+from ..rng import derive_seed
 
-__all__ = ["ADAPTERS", "GATES", "LoRALinear", "LoRAOptions", "adapter_mix", "adapter_parameters", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
+__all__ = ["ADAPTERS", "GATES", "LoRALinear", "LoRAOptions", "PQAdapter", "PQBasis", "target_layers", "adapter_mix", "adapter_parameters", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
            "trainable_parameters"]
 
 #: The adapters of a dual layer: ``local`` (trained, uploaded) and ``global`` (received, frozen).
@@ -72,11 +78,45 @@ class LoRAAdapter(nn.Module):
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
+class PQAdapter(nn.Module):
+    """PQ-LoRA's trained part (FedMosaic): ``z ↦ z P + Q`` in the rank space of a frozen basis, so its
+    shapes (r × r and r) depend on the rank alone, never on the layer's width. Starts at zero."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.P = nn.Parameter(torch.zeros(rank, rank))
+        self.Q = nn.Parameter(torch.zeros(rank))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z @ self.P + self.Q
+
+
+class PQBasis(nn.Module):
+    """PQ-LoRA's frozen ``A`` (r × d_in, a Kaiming-uniform draw) and ``B`` (d_out × r, orthonormal
+    columns: the Q factor of a Gaussian draw), drawn from ``seed`` alone so that every client of one
+    architecture holds the same basis and their P and Q mean the same thing."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, seed: int) -> None:
+        super().__init__()
+        if rank > min(in_features, out_features):
+            raise ValueError(f"PQ-LoRA rank {rank} exceeds the layer's {in_features} -> {out_features} (B needs "
+                             f"orthonormal columns)")
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and LoRA's A
+        a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        b, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator))
+        self.A = nn.Parameter(a, requires_grad=False)
+        self.B = nn.Parameter(b.contiguous(), requires_grad=False)
+
+
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus one adapter (``local``) or two mixed by a gate (module docstring)."""
+    """A frozen ``nn.Linear`` plus one adapter (``local``) or two mixed by a gate (module docstring).
+
+    ``pq_seed`` (not None) makes it a PQ-LoRA layer: a frozen :class:`PQBasis` and
+    :class:`PQAdapter` adapters, ``y = W x + b + (α / r) · B (P A x + Q)`` per adapter."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dual: bool = False,
-                 gate: str = "scalar", gate_noise: bool = True) -> None:
+                 gate: str = "scalar", gate_noise: bool = True, pq_seed: int | None = None) -> None:
         super().__init__()
         self.base = base
         for p in base.parameters():
@@ -84,7 +124,11 @@ class LoRALinear(nn.Module):
         self.rank, self.scale = rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         names = ADAPTERS if dual else ADAPTERS[:1]
-        self.adapters = nn.ModuleDict({n: LoRAAdapter(base.in_features, base.out_features, rank) for n in names})
+        self.basis = None if pq_seed is None else PQBasis(base.in_features, base.out_features, rank, pq_seed)
+        self.block: int | None = None  # a PQ layer's block (set by the model that places it)
+        self.adapters = nn.ModuleDict({
+            n: LoRAAdapter(base.in_features, base.out_features, rank) if pq_seed is None else PQAdapter(rank)
+            for n in names})
         self.gate_kind = gate if dual else None
         self.gate_noise = gate_noise
         self.mix: Tensor | None = None  # a fixed global share (adapter_mix), else the gate decides
@@ -121,12 +165,22 @@ class LoRALinear(nn.Module):
         per_sample = logit.mean(dim=-1) if x.dim() > 2 else logit  # mean over tokens
         return torch.sigmoid(per_sample).reshape(-1, *([1] * (x.dim() - 1)))
 
+    @property
+    def is_pq(self) -> bool:
+        return self.basis is not None
+
+    def update(self, which: str, h: Tensor) -> Tensor:
+        """Adapter ``which``'s update of (dropped-out) input ``h``, before the scale."""
+        if self.basis is None:
+            return self.adapters[which](h)
+        return F.linear(self.adapters[which](F.linear(h, self.basis.A)), self.basis.B)
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.dropout(x)
         if self.gate_kind is None:
-            return self.base(x) + self.scale * self.adapters["local"](h)
+            return self.base(x) + self.scale * self.update("local", h)
         beta = self.gate(x)
-        mixed = beta * self.adapters["global"](h) + (1 - beta) * self.adapters["local"](h)
+        mixed = beta * self.update("global", h) + (1 - beta) * self.update("local", h)
         return self.base(x) + self.scale * mixed
 
 
@@ -138,11 +192,14 @@ def _resolve(model: nn.Module, scope: str | None) -> tuple[nn.Module, str]:
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, *, dual: bool = False,
              gate: str = "scalar", gate_noise: bool = True, scope: str | None = None,
-             exclude: tuple[str, ...] | None = None) -> list[str]:
+             exclude: tuple[str, ...] | None = None, pq: Callable[[str], bool] | None = None,
+             pq_seed: int = 0) -> list[str]:
     """Replace every ``nn.Linear`` under ``scope`` (a submodule path; default the model's
     ``lora_scope``, else the whole model) whose name matches none of the ``exclude`` regexes
     (default the model's ``lora_exclude``, else ``("lm_head",)``) by a :class:`LoRALinear`, in place,
-    and freeze everything else in ``model``. Returns the adapted layers' names (relative to ``model``).
+    and freeze everything else in ``model``. Layers whose name (relative to the scope) ``pq``
+    accepts become PQ-LoRA layers, their frozen basis drawn from ``pq_seed``, the name and the shape.
+    Returns the adapted layers' names (relative to ``model``).
     Raises ``ValueError`` for a bad rank/alpha/dropout/gate or a scope with no linear layer."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
@@ -164,7 +221,10 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, LoRALinear(linear, rank, alpha, dropout, dual=dual, gate=gate, gate_noise=gate_noise))
+        seed = (derive_seed(pq_seed, "pq-basis", name, linear.in_features, linear.out_features, rank)
+                if pq is not None and pq(name) else None)
+        setattr(parent, child, LoRALinear(linear, rank, alpha, dropout, dual=dual, gate=gate, gate_noise=gate_noise,
+                                          pq_seed=seed))
     prefix = f"{scope}." if scope else ""
     return [prefix + name for name, _ in targets]
 
@@ -185,6 +245,17 @@ def adapter_mix(model: nn.Module, share: float | Tensor) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.mix = None
+
+
+def target_layers(depth: int, num_blocks: int) -> list[int]:
+    """The layers that carry PQ-LoRA in a model of ``depth`` layers cut into ``num_blocks`` blocks of
+    relative depth: the last layer of each, ``{s−1, 2s−1, …, depth−1}`` with ``s = depth // num_blocks``
+    (FedMosaic's ``get_target_layers``). Block ``b`` of any model pairs with block ``b`` of any other.
+    Raises ``ValueError`` unless 1 <= ``num_blocks`` <= ``depth``."""
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 1 <= num_blocks <= depth:
+        raise ValueError(f"PQ-LoRA blocks: num_blocks must be an int in 1..{depth} (the model's depth), got {num_blocks!r}")
+    step = depth // num_blocks
+    return [step * (b + 1) - 1 for b in range(num_blocks - 1)] + [depth - 1]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

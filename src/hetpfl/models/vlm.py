@@ -202,15 +202,16 @@ class VisionLanguageModel(nn.Module):
     and ``num_classes`` the vocabulary size. ``pretrained``: the checksum of a cached pretrained
     backbone (:func:`backbone_file`; ``hetpfl pretrain`` writes them) to start from. ``lora_rank`` > 0
     then adapts the language model (:func:`hetpfl.models.lora.add_lora` with ``lora_alpha``,
-    ``lora_dropout``, ``lora_dual``, ``lora_gate``), so a client's module slot can name "this
-    pretrained backbone with these adapters" as one registry spec.
+    ``lora_dropout``, ``lora_dual``, ``lora_gate``; ``lora_pq_blocks`` = N_B > 0 makes every linear
+    of the last block of each of N_B depth blocks a PQ-LoRA layer), so a client's module slot can
+    name "this pretrained backbone with these adapters" as one registry spec.
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, family: str = "llama", size: str = "s",
                  max_images: int = 3, max_text_len: int = 32, image_grid: int = 2, vision_dim: int = 64,
                  pretrained: str | None = None, lora_rank: int = 0, lora_alpha: float = 16.0,
                  lora_dropout: float = 0.0, lora_dual: bool = False, lora_gate: str = "scalar",
-                 arch: str = "vlm") -> None:
+                 lora_pq_blocks: int = 0, arch: str = "vlm") -> None:
         super().__init__()
         if family not in VLM_FAMILIES:
             raise ValueError(f"{arch}: family {family!r} is not one of {', '.join(VLM_FAMILIES)}")
@@ -238,7 +239,23 @@ class VisionLanguageModel(nn.Module):
         if lora_rank:
             from .lora import add_lora  # noqa: PLC0415  (lora reads this module's scope attributes)
 
-            add_lora(self, lora_rank, lora_alpha, lora_dropout, dual=lora_dual, gate=lora_gate)
+            pq = None
+            if lora_pq_blocks:
+                from .lora import lora_layers, target_layers  # noqa: PLC0415
+
+                try:
+                    targets = target_layers(self.size.depth, lora_pq_blocks)
+                except ValueError as err:
+                    raise ValueError(f"{arch}: lora_pq_blocks: {err}") from None
+
+                def pq(name: str) -> bool:  # every linear of a target block
+                    return name.startswith("blocks.") and int(name.split(".")[1]) in targets
+
+            add_lora(self, lora_rank, lora_alpha, lora_dropout, dual=lora_dual, gate=lora_gate, pq=pq)
+            if pq is not None:
+                for name, layer in lora_layers(self).items():
+                    if layer.is_pq:
+                        layer.block = targets.index(int(name.split(".")[2]))
 
     def _load_pretrained(self, path: Path) -> None:
         if not path.exists():

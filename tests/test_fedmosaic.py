@@ -1,0 +1,94 @@
+"""FedMosaic's invariants (PQ-LoRA, block alignment, RELA) and its bad input."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hetpfl.data.hetvqa as hv
+from hetpfl.algorithms.fedmosaic import shared_names
+from hetpfl.algorithms.rela import mix_by_weights, rela_weights
+from hetpfl.configuration import ConfigError
+from hetpfl.experiment import load_config, prepare
+from hetpfl.models import build_model
+from hetpfl.models.lora import add_lora, adapter_state, lora_layers, target_layers
+
+CONFIG = Path(__file__).parent / "configs" / "alg" / "fedmosaic.yaml"
+VOCAB = len(hv.vocabulary())
+
+
+def adapted(arch: str, blocks: int = 2, rank: int = 4):
+    torch.manual_seed(0)
+    return build_model(arch, hv.IMAGE_SHAPE, VOCAB, lora_rank=rank, lora_dual=True, lora_pq_blocks=blocks)
+
+
+def test_p_and_q_shapes_do_not_depend_on_width_or_depth():
+    small, large = adapted("vlm_llama_s"), adapted("vlm_llama_l")
+    shapes = {}
+    for model in (small, large):
+        state = adapter_state(model, "local")
+        names = shared_names(model)
+        pq = {names[k]: tuple(v.shape) for k, v in state.items() if names[k].startswith("w.pq")}
+        assert set(pq.values()) == {(4, 4), (4,)}
+        shapes[model.size.width] = pq
+    assert shapes[64] == shapes[192]  # the same keys and shapes: averaged across the two widths
+
+
+def test_with_p_and_q_zero_the_adapted_model_is_the_base_model():
+    torch.manual_seed(0)
+    base = build_model("vlm_gpt_m", hv.IMAGE_SHAPE, VOCAB)
+    model = copy.deepcopy(base)
+    add_lora(model, 4, 8, dual=True, pq=lambda name: name.startswith("blocks.3"))
+    assert sum(layer.is_pq for layer in lora_layers(model).values()) == 6  # q, k, v, o, fc_in, fc_out
+    inputs = base.example_inputs(2)
+    assert torch.equal(model(*inputs), base(*inputs))
+    for layer in lora_layers(model).values():  # a non-zero P moves it (the update is live)
+        if layer.is_pq:
+            torch.nn.init.normal_(layer.adapters["local"].P)
+    assert not torch.allclose(model(*inputs), base(*inputs))
+
+
+def test_block_mapping_pairs_the_last_layer_of_each_depth_block():
+    assert target_layers(2, 2) == [0, 1] and target_layers(6, 2) == [2, 5] and target_layers(6, 4) == [0, 1, 2, 5]
+    blocks = {}
+    for arch in ("vlm_llama_s", "vlm_llama_l"):
+        blocks[arch] = {int(name.split(".")[2]): layer.block for name, layer in lora_layers(adapted(arch)).items()
+                        if layer.is_pq}
+    assert blocks == {"vlm_llama_s": {0: 0, 1: 1}, "vlm_llama_l": {2: 0, 5: 1}}
+    with pytest.raises(ValueError, match="lora_pq_blocks"):
+        adapted("vlm_llama_s", blocks=3)
+
+
+def test_identical_profiles_give_uniform_weights_over_the_others():
+    profiles = np.repeat(np.random.default_rng(0).normal(size=(1, 5, 3)), 4, axis=0)
+    weights = rela_weights(profiles, temperature=0.5)
+    assert np.allclose(np.diag(weights), 0) and np.allclose(weights[~np.eye(4, dtype=bool)], 1 / 3)
+
+
+def test_related_profiles_get_more_weight_and_mixing_renormalizes():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    profiles = np.stack([a, a + 0.01 * rng.normal(size=a.shape), b])
+    weights = rela_weights(profiles, temperature=0.5)
+    assert weights[0, 1] > weights[0, 2] and np.allclose(weights.sum(axis=1), 1)
+    mixed = mix_by_weights({1: 0.25, 2: 0.5}, {1: {"x": np.ones(2)}, 2: {"x": np.zeros(2), "y": np.ones(2)}})
+    assert np.allclose(mixed["x"], 1 / 3) and np.allclose(mixed["y"], 1)  # y: only client 2 holds it
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["algorithm.num_blocks=3"], "algorithm.num_blocks=3"),
+    (["algorithm.num_blocks=0"], "algorithm.num_blocks=0"),
+    (["algorithm.temperature=0"], "algorithm.temperature=0"),
+    (["algorithm.row_fraction=1.5"], "algorithm.row_fraction=1.5"),
+    (["algorithm.row_fraction=0"], "algorithm.row_fraction=0"),
+    (["algorithm.proxy=vlm_llama_l"], "algorithm.proxy='vlm_llama_l'"),
+    (["models.lora.rank=0"], "models.lora.rank=0"),
+])
+def test_bad_fedmosaic_settings_fail_before_training(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        prepare(load_config(CONFIG, overrides))
+    assert key in str(err.value)
