@@ -92,3 +92,15 @@ def test_bad_fedmosaic_settings_fail_before_training(overrides, key):
     with pytest.raises(ConfigError) as err:
         prepare(load_config(CONFIG, overrides))
     assert key in str(err.value)
+
+
+def test_a_run_draws_rela_weights_beside_the_scenarios_relatedness(tmp_path):
+    from hetpfl.experiment import run_experiment
+    from hetpfl.models import VLM_ARCHITECTURES
+
+    scenario = hv.load_scenario(Path(__file__).parent / "configs" / "hetvqa_tiny.yaml", VLM_ARCHITECTURES)
+    truth = scenario.relatedness()  # clients 0 and 2 share both task types, client 1 one of two
+    assert np.allclose(truth, [[1, 1 / 3, 1], [1 / 3, 1, 1 / 3], [1, 1 / 3, 1]])
+    summary = run_experiment(load_config(CONFIG, ["rounds=2"]), tmp_path)
+    assert (tmp_path / "rela_weights.png").is_file() and "heatmaps" not in summary
+    assert {"rela_max_weight", "rela_weight_std"} <= set(summary["server"])

@@ -398,6 +398,7 @@ def _require_states(transport: Transport, what: str) -> None:
 
 RoundCallback = Callable[[dict[str, Any]], None]
 VISUALS = "visuals"  # summary key of the server's image grids (arrays: the results folder saves them as PNGs)
+HEATMAPS = "heatmaps"  # summary key of the server's client x client matrices (saved as PNGs beside the truth)
 _FINAL_KEYS = ("acc_by_arch", "acc_by_task", "cluster_ari")
 _FINAL_SUFFIXES = ("_mean", "_std", "_worst10", "client_acc", "_test_acc")
 
@@ -469,6 +470,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
             save_checkpoint(checkpoint, run, server, dataclasses.replace(
                 state, wall_s=state.wall_s + time.perf_counter() - started), transport)
     visuals = server.visuals()
+    heatmaps = server.heatmaps()
     last = state.last
     final = {k: v for k, v in last.items() if k.endswith(_FINAL_SUFFIXES) or k in _FINAL_KEYS}
     return {
@@ -494,6 +496,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         "time_by_phase_s": dict(sorted(state.phase_s.items())),
         **({"resumed_at_round": first_round} if resume is not None else {}),
         **({VISUALS: visuals} if visuals else {}),
+        **({HEATMAPS: heatmaps} if heatmaps else {}),
     }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .config import ExperimentConfig, config_yaml, load_config
 from .configuration import ConfigError
-from .engine import VISUALS, CheckpointPolicy, latest_checkpoint
+from .engine import HEATMAPS, VISUALS, CheckpointPolicy, latest_checkpoint
 from .prepare import Prepared, prepare, run_from_yaml
 from .runtimes import RUNTIMES, Launch
 
@@ -70,7 +70,7 @@ def run_experiment(
     rounds it holds are kept, later ones are written again), ending with the same records as an
     uninterrupted run.
     """
-    from .plots import plot_run, save_image_grid  # noqa: PLC0415
+    from .plots import plot_run, save_heatmap, save_image_grid  # noqa: PLC0415
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +109,7 @@ def run_experiment(
             summary = execute(prepared, on_round=record, checkpoint=checkpoint, resume=start)
     runtime_name = summary.pop("runtime", runtime.name)
     visuals = summary.pop(VISUALS, {})
+    heatmaps = summary.pop(HEATMAPS, {})
     summary = {
         "name": config.name,
         **summary,
@@ -123,6 +124,10 @@ def run_experiment(
     plot_run(out)
     for name, (images, labels) in visuals.items():
         save_image_grid(out / f"{name}.png", images, prepared.run.data.value_range, labels, title=name.replace("_", " "))
+    scenario = getattr(prepared.run.data, "scenario", None)
+    for name, (matrix, title) in heatmaps.items():
+        truth = None if scenario is None else (scenario.relatedness(), "true task relatedness (shared task types)")
+        save_heatmap(out / f"{name}.png", matrix, title, truth)
     return summary
 
 

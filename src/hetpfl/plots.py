@@ -109,6 +109,24 @@ def plot_comparison(groups: dict[str, Sequence[str | Path]], out_path: str | Pat
     return _save(fig, Path(out_path))
 
 
+def save_heatmap(path: str | Path, matrix: np.ndarray, title: str,
+                 truth: tuple[np.ndarray, str] | None = None) -> Path:
+    """A client × client matrix as a heatmap, beside a reference matrix (``truth``: matrix, title)."""
+    panels = [(np.asarray(matrix), title)] + ([truth] if truth is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4))
+    for ax, (values, name) in zip(np.atleast_1d(axes), panels):
+        image = ax.imshow(values, cmap="viridis")
+        ax.set_title(name, fontsize=9)
+        ticks = range(0, values.shape[0], max(1, values.shape[0] // 10))
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.set_xlabel("client j")
+        ax.set_ylabel("client i")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
 def _save(fig: "plt.Figure", path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)

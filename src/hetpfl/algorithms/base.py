@@ -219,6 +219,12 @@ class Server:
         each client's generator)."""
         return {}
 
+    def heatmaps(self) -> dict[str, tuple[np.ndarray, str]]:
+        """Client × client matrices for the results folder at the end of a run: ``{name: (matrix,
+        title)}``, saved as ``<name>.png`` — beside the scenario's true task relatedness when the
+        data has one (e.g. FedMosaic's RELA weights)."""
+        return {}
+
     def evaluation_messages(self, clients: list[int]) -> dict[int, Message]:
         """What the evaluate stage sends each client (default nothing). A method whose personalized
         model needs the latest global state (e.g. FedRep: the global body with the client's own

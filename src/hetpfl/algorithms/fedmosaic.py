@@ -146,6 +146,10 @@ class FedMosaicServer(Server):
         return {"rela_max_weight": float(weights.max()), "rela_weight_std": float(off_diagonal.std())}
 
 
+    def heatmaps(self) -> dict[str, tuple[np.ndarray, str]]:
+        return {"rela_weights": (self.relevance, "RELA weights w_ij, last round (row i: client i's G_i)")}
+
+
 class FedMosaicClient(VQAClient):
     def train(self, message: Message, ctx: ClientContext) -> Message:
         model, proxy = ctx.model, ctx.modules[PROXY_SLOT]

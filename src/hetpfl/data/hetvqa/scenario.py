@@ -74,6 +74,13 @@ class Scenario:
         """Every task subset a client trains on, in first-seen order."""
         return tuple(dict.fromkeys(t for c in self.clients for t in c.tasks))
 
+    def relatedness(self) -> np.ndarray:
+        """``(clients, clients)``: the Jaccard overlap of two clients' task types — the (template,
+        source) pairs of their tasks, ignoring subsets and domains — 1 on the diagonal. The truth a
+        relevance-aware method (RELA) should find."""
+        kinds = [{(parse_task(t)[0].template.name, parse_task(t)[0].source) for t in c.tasks} for c in self.clients]
+        return np.array([[len(a & b) / len(a | b) for b in kinds] for a in kinds])
+
     def current_task(self, round_index: int) -> int:
         """The position (in every client's list) of the task trained in ``round_index`` (dynamic)."""
         return min(round_index // self.rounds_per_task, self.tasks_per_client - 1)
