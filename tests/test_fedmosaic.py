@@ -104,3 +104,24 @@ def test_a_run_draws_rela_weights_beside_the_scenarios_relatedness(tmp_path):
     summary = run_experiment(load_config(CONFIG, ["rounds=2"]), tmp_path)
     assert (tmp_path / "rela_weights.png").is_file() and "heatmaps" not in summary
     assert {"rela_max_weight", "rela_weight_std"} <= set(summary["server"])
+
+
+def test_weight_alignment_matches_codes_and_keeps_b_orthonormal():
+    prepared = prepare(load_config(CONFIG))
+    report = prepared.setup["weight_alignment"]
+    assert list(report) == ["vlm_llama_s"]  # the proxy (vlm_gpt_s, the smallest by name) is the pivot
+    facts = report["vlm_llama_s"]
+    assert facts["layers"] == 4  # the attention's q, k, v, o of the PQ block: llama's MLP has no gpt partner
+    assert facts["relative_error"] < 0.5 * facts["relative_error_before"]
+    run = prepared.run
+    client = next(i for i, a in enumerate(run.client_archs) if a == "vlm_llama_s")
+    spec = run.client_modules(client)["model"]
+    assert "lora_pq_basis" in spec.kwargs
+    model = run.new_module(spec, "probe")
+    aligned = [layer.basis.B for layer in lora_layers(model).values() if layer.is_pq and "attn" in "".join(
+        n for n, m in model.named_modules() if m is layer)]
+    assert len(aligned) == 4
+    for b in aligned:
+        assert torch.allclose(b.T @ b, torch.eye(b.shape[1]), atol=1e-5)
+    unaligned = prepare(load_config(CONFIG, ["algorithm.weight_alignment=false"]))
+    assert unaligned.setup == {} and "lora_pq_basis" not in unaligned.run.client_modules(client)["model"].kwargs

@@ -41,8 +41,8 @@ def data():
                                 others_per_task=3, seed=0)
 
 
-def test_the_seven_baselines_are_registered_as_vqa_methods():
-    assert VQA_METHODS == ["ditto_lora", "feddat", "feddpa", "fedit", "fedsim", "perada", "sft"]
+def test_the_seven_baselines_and_fedmosaic_are_registered_as_vqa_methods():
+    assert VQA_METHODS == ["ditto_lora", "feddat", "feddpa", "fedit", "fedmosaic", "fedsim", "perada", "sft"]
 
 
 def test_arrivals_deal_each_task_once_over_its_rounds(data):

@@ -117,6 +117,7 @@ def run_experiment(
         "executor": runtime.executor,
         "setup_time_s": setup_s,
         "clients": prepared.clients,
+        **({"setup": prepared.setup} if prepared.setup else {}),
         **_data_facts(prepared),
         "environment": {"hetpfl": __version__, "python": platform.python_version(), "numpy": np.__version__},
     }

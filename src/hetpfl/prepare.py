@@ -8,7 +8,7 @@ run; a Flower ClientApp, which receives only the experiment's YAML, rebuilds it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sys
@@ -31,6 +31,7 @@ class Prepared:
     config: ExperimentConfig
     run: RunSpec
     clients: list[dict[str, Any]]
+    setup: dict[str, Any] = field(default_factory=dict)  # facts of the method's one-time setup_run
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
@@ -179,7 +180,8 @@ def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
     clients = [{"id": i, "arch": arch, "params": facts[arch]["params"], "tasks": list(scenario.clients[i].tasks),
                 "n_train": len(data.client_train[i]), "n_test": len(data.client_test[i])}
                for i, arch in enumerate(archs)]
-    return Prepared(config=config, run=run, clients=clients)
+    setup = dict(spec.setup_run(run.algorithm_config, run)) if spec.setup_run is not None else {}
+    return Prepared(config=config, run=run, clients=clients, setup=setup)
 
 
 def _pretraining_progress(arch: str):

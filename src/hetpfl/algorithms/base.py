@@ -305,6 +305,10 @@ class AlgorithmSpec:
     # what the method's clients learn: "classification" (array datasets) or "vqa" (HetVQA scenarios,
     # LoRA-adapted vision-language clients); prepare refuses a method on the other kind of data
     task_kind: str = "classification"
+    # setup_run(config, run) -> facts: a one-time step before federation that every party repeats
+    # deterministically (or reads from a cache), e.g. FedMosaic's weight alignment; prepare calls it
+    # after the data and backbones are ready, and its facts go to the summary's "setup"
+    setup_run: Callable[[Any, Any], Mapping[str, Any]] | None = None
     # check_run(config, run) raises FieldError/ValueError for a run this method cannot do (e.g. more
     # clusters than clients, architectures without width support); prepare calls it before training
     check_run: Callable[[Any, Any], None] | None = None

@@ -25,9 +25,10 @@ run's smallest architecture (the code uses its smallest, Llama-3.2-1B); P/Q of t
 pair by a linear's name (attention's q/k/v/o everywhere; a family's MLP names only within it);
 ``rela: false`` gives uniform weights over the others (the ablation "without RELA"); P, Q and
 the gates learn at ``pq_lr_scale`` = 10 × the client learning rate (the code: 5e-5 against 2e-5 for
-A and B, 2.5×; measured here, P and Q alone at 1e-3 learned nothing in 150 steps, at 1e-2 they did). Not yet built
-(issue #12): the one-time weight alignment of A and B across widths (so across widths P and Q are
-shared between unaligned bases), and the heterogeneous baselines.
+A and B, 2.5×; measured here, P and Q alone at 1e-3 learned nothing in 150 steps, at 1e-2 they did). Before federation,
+every architecture but the proxy's has its PQ bases aligned to the proxy's (``alignment.py``: A
+trained to match the proxy's codes, B from a least-squares map of outputs instead of the paper's
+CCA; ``weight_alignment: false`` is the ablation).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ..models import ModuleSpec
 from ..models.vlm import VLM_SIZES
 from ..models.lora import adapter_parameters, lora_layers, trainable_parameters
 from .base import MAIN_SLOT, AlgorithmSpec, ClientContext, Comm, Server, ServerSetup, weight_fields
+from .alignment import align_pq_bases
 from .rela import mix_by_weights, rela_weights, task_profile_gradient
 from .vqa import (
     VQA_EVALUATE,
@@ -74,6 +76,10 @@ class FedMosaicConfig(Validated):
     rela: bool = True  # false: uniform weights over the other clients (the "without RELA" ablation)
     step_fraction: float = option(0.94, gt=0)  # of the shared routine's steps
     pq_lr_scale: float = option(10.0, gt=0)  # P, Q and the gates learn at this × client.lr (the code: 2.5)
+    weight_alignment: bool = True  # align the other architectures' PQ bases to the proxy's before federation
+    alignment_examples: int = option(20, ge=1)  # server examples per pretraining template and source
+    alignment_steps: int = option(300, ge=1)  # Adam steps fitting each layer's A
+    alignment_lr: float = option(0.01, gt=0)
 
 
 def proxy_architecture(config: FedMosaicConfig, archs: list[str] | tuple[str, ...]) -> str:
@@ -99,6 +105,15 @@ def check_fedmosaic(config: FedMosaicConfig, run: Any) -> None:
     if config.proxy != "smallest" and config.proxy not in archs:
         raise FieldError("proxy", config.proxy, f"'smallest' or one of the run's architectures ({', '.join(archs)}): "
                                                 f"every client needs its pretrained backbone")
+
+
+def align_before_federation(config: FedMosaicConfig, run: Any) -> dict[str, Any]:
+    """The one-time weight alignment (``alignment.py``), unless ``weight_alignment`` is off."""
+    if not config.weight_alignment:
+        return {}
+    report = align_pq_bases(run, proxy_architecture(config, run.client_archs), config.num_blocks,
+                            config.alignment_examples, config.alignment_steps, config.alignment_lr)
+    return {"weight_alignment": report} if report else {}
 
 
 def shared_names(model: torch.nn.Module) -> dict[str, str]:
@@ -199,5 +214,6 @@ SPEC = AlgorithmSpec(
     summary="FedMosaic: PQ-LoRA shared across widths and depths, personal global modules weighted by task relevance (RELA).",
     client_modules=fedmosaic_modules,
     check_run=check_fedmosaic,
+    setup_run=align_before_federation,
     task_kind="vqa",
 )

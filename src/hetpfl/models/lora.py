@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..configuration import Validated, option
 from ..rng import derive_seed
 
-__all__ = ["ADAPTERS", "GATES", "LoRALinear", "LoRAOptions", "PQAdapter", "PQBasis", "target_layers", "adapter_mix", "adapter_parameters", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
+__all__ = ["ADAPTERS", "GATES", "LoRALinear", "LoRAOptions", "PQAdapter", "PQBasis", "pq_bases", "set_pq_bases", "target_layers", "adapter_mix", "adapter_parameters", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
            "trainable_parameters"]
 
 #: The adapters of a dual layer: ``local`` (trained, uploaded) and ``global`` (received, frozen).
@@ -256,6 +256,28 @@ def target_layers(depth: int, num_blocks: int) -> list[int]:
         raise ValueError(f"PQ-LoRA blocks: num_blocks must be an int in 1..{depth} (the model's depth), got {num_blocks!r}")
     step = depth // num_blocks
     return [step * (b + 1) - 1 for b in range(num_blocks - 1)] + [depth - 1]
+
+
+def pq_bases(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """Copies of every PQ-LoRA layer's frozen basis: ``{layer: (A, B)}``."""
+    return {name: (layer.basis.A.detach().clone(), layer.basis.B.detach().clone())
+            for name, layer in lora_layers(model).items() if layer.is_pq}
+
+
+@torch.no_grad()
+def set_pq_bases(model: nn.Module, bases: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Replace PQ-LoRA layers' frozen bases (e.g. by FedMosaic's weight alignment); every named layer
+    must be a PQ layer with bases of the same shapes."""
+    layers = lora_layers(model)
+    for name, (a, b) in bases.items():
+        layer = layers.get(name)
+        if layer is None or not layer.is_pq:
+            raise ValueError(f"set_pq_bases: {name!r} is not a PQ-LoRA layer of the model")
+        if a.shape != layer.basis.A.shape or b.shape != layer.basis.B.shape:
+            raise ValueError(f"set_pq_bases: {name!r} takes A {tuple(layer.basis.A.shape)} and B "
+                             f"{tuple(layer.basis.B.shape)}, got {tuple(a.shape)} and {tuple(b.shape)}")
+        layer.basis.A.copy_(a)
+        layer.basis.B.copy_(b)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

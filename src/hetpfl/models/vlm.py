@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VLM_FAMILIES", "VLM_SIZES", "VLMSize", "VisionLanguageModel", "backbone_dir", "backbone_file",
+__all__ = ["VLM_FAMILIES", "VLM_SIZES", "VLMSize", "VisionLanguageModel", "backbone_dir", "backbone_file", "pq_basis_file",
            "greedy_answer"]
 
 #: Block designs: name -> (norm, MLP, positions) as described in the module docstring.
@@ -53,6 +53,11 @@ def backbone_dir() -> Path:
     """Where pretrained backbones are cached: ``$HETPFL_BACKBONE_DIR``, else ``~/.cache/hetpfl/backbones``
     (written by :mod:`hetpfl.backbones`; read here, so a registry module can start from one)."""
     return Path(os.environ.get("HETPFL_BACKBONE_DIR") or "~/.cache/hetpfl/backbones").expanduser()
+
+
+def pq_basis_file(arch: str, checksum: str) -> Path:
+    """The cache file of ``arch``'s aligned PQ-LoRA bases named by ``checksum`` (FedMosaic's alignment)."""
+    return backbone_dir() / f"pqbasis-{arch}-{checksum}.pt"
 
 
 def backbone_file(arch: str, checksum: str) -> Path:
@@ -211,7 +216,7 @@ class VisionLanguageModel(nn.Module):
                  max_images: int = 3, max_text_len: int = 32, image_grid: int = 2, vision_dim: int = 64,
                  pretrained: str | None = None, lora_rank: int = 0, lora_alpha: float = 16.0,
                  lora_dropout: float = 0.0, lora_dual: bool = False, lora_gate: str = "scalar",
-                 lora_pq_blocks: int = 0, arch: str = "vlm") -> None:
+                 lora_pq_blocks: int = 0, lora_pq_basis: str | None = None, arch: str = "vlm") -> None:
         super().__init__()
         if family not in VLM_FAMILIES:
             raise ValueError(f"{arch}: family {family!r} is not one of {', '.join(VLM_FAMILIES)}")
@@ -256,6 +261,8 @@ class VisionLanguageModel(nn.Module):
                 for name, layer in lora_layers(self).items():
                     if layer.is_pq:
                         layer.block = targets.index(int(name.split(".")[2]))
+                if lora_pq_basis is not None:
+                    self._load_pq_basis(pq_basis_file(arch, lora_pq_basis))
 
     def _load_pretrained(self, path: Path) -> None:
         if not path.exists():
@@ -266,6 +273,15 @@ class VisionLanguageModel(nn.Module):
             self.load_state_dict(saved["weights"])
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"{self.arch}: {path} does not hold this model's weights ({err})") from None
+
+    def _load_pq_basis(self, path: Path) -> None:
+        from .lora import set_pq_bases  # noqa: PLC0415
+
+        if not path.exists():
+            raise ValueError(f"{self.arch}: no aligned PQ-LoRA basis at {path} (FedMosaic's weight alignment writes it "
+                             f"when a run is prepared)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        set_pq_bases(self, {name: (ab["A"], ab["B"]) for name, ab in saved["bases"].items()})
 
     def example_inputs(self, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """One forward pass's arguments (for FLOP counts): every image slot filled, a full text row."""
