@@ -42,7 +42,8 @@ def data():
 
 
 def test_the_seven_baselines_and_fedmosaic_are_registered_as_vqa_methods():
-    assert VQA_METHODS == ["ditto_lora", "feddat", "feddpa", "fedit", "fedmosaic", "fedsim", "perada", "sft"]
+    assert VQA_METHODS == ["ditto_lora", "feddat", "feddistill", "feddpa", "fedit", "fedmosaic", "fedsim", "flexlora",
+                           "perada", "sft"]
 
 
 def test_arrivals_deal_each_task_once_over_its_rounds(data):
@@ -168,3 +169,23 @@ def test_fedsim_combinations_differ_but_both_start_as_the_base_model():
     base = shared(*inputs)
     assert torch.allclose(SharedAndPersonal(shared, personal, "sum_adapters")(*inputs), base, atol=1e-6)
     assert torch.allclose(SharedAndPersonal(shared, personal, "sum_logits")(*inputs), 2 * base, atol=1e-5)
+
+
+def test_flexlora_averages_full_size_updates_and_hands_back_their_rank_r_factors():
+    from hetpfl.algorithms.flexlora import svd_average
+
+    rng = np.random.default_rng(0)
+
+    def reply(n: int) -> Message:
+        return Message({"w.l.lora_A": rng.normal(size=(2, 5)).astype(np.float32),
+                        "w.l.lora_B": rng.normal(size=(4, 2)).astype(np.float32)}, {"num_examples": n})
+
+    one = reply(1)
+    out = svd_average({0: one}, [0])  # one client: its own update back, exactly (rank 2 of rank 2)
+    assert np.allclose(out["w.l.lora_B"] @ out["w.l.lora_A"], one.arrays["w.l.lora_B"] @ one.arrays["w.l.lora_A"], atol=1e-5)
+    two = {0: reply(1), 1: reply(3)}
+    mean = sum(w * r.arrays["w.l.lora_B"].astype(np.float64) @ r.arrays["w.l.lora_A"] for w, r in zip((0.25, 0.75), two.values()))
+    factors = svd_average(two, [0, 1])
+    u, s, vt = np.linalg.svd(mean)
+    best = (u[:, :2] * s[:2]) @ vt[:2]  # the mean update's best rank-2 approximation
+    assert np.allclose(factors["w.l.lora_B"] @ factors["w.l.lora_A"], best, atol=1e-5)

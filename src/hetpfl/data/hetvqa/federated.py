@@ -21,6 +21,7 @@ Per round (``train_at`` / ``test_at``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,8 @@ class ClientExamples:
     store: ExampleStore
     others: ArrayDataset
     adaptation_steps: int = 0  # > 0 only in the run's last round: then adapt to each unseen task
+    # the generic examples every party may use (FedMD-style public data): n -> (pool, example sets)
+    public: Callable[[int], tuple[ImagePool, list[TaskExamples]]] | None = None
 
 
 def _references(store: ExampleStore, split: str, task: int, indices: np.ndarray) -> ArrayDataset:
@@ -148,9 +151,10 @@ class HetVQAData(FederatedData):
         return self._views[key][1]
 
     def server_examples(self, n: int) -> tuple[ImagePool, list[TaskExamples]]:
-        """Examples the *server* may use (e.g. PerAda's distillation): the pretraining mix's questions
-        on the pretraining subset's images, ``n`` per (template, source) — a generic instruction mix
-        like LLaVA's, never a client's examples."""
+        """Generic examples the server — or, as public data, any party — may use (PerAda's and
+        FedDistill's distillation, FedMosaic's alignment): the pretraining mix's questions on the
+        pretraining subset's images, ``n`` per (template, source) — an instruction mix like LLaVA's,
+        never a client's examples."""
         key = ("server", n)
         if key not in self._views:
             sets = [build_examples(self.store.pool, self.store.vocab, TaskSpec(t, source), PRETRAIN_SUBSET, "train", n)
@@ -161,7 +165,7 @@ class HetVQAData(FederatedData):
     def client_examples(self, client: int, rnd: int) -> ClientExamples:
         """What a client's context carries besides its splits (``ctx.examples``)."""
         return ClientExamples(self.store, self.others_at(client, rnd),
-                              self.adaptation_steps if rnd == self.final_round else 0)
+                              self.adaptation_steps if rnd == self.final_round else 0, self.server_examples)
 
     def describe(self) -> str:
         sizes = [len(d) for d in self.client_train]
