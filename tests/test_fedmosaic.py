@@ -125,3 +125,13 @@ def test_weight_alignment_matches_codes_and_keeps_b_orthonormal():
         assert torch.allclose(b.T @ b, torch.eye(b.shape[1]), atol=1e-5)
     unaligned = prepare(load_config(CONFIG, ["algorithm.weight_alignment=false"]))
     assert unaligned.setup == {} and "lora_pq_basis" not in unaligned.run.client_modules(client)["model"].kwargs
+
+
+def test_without_block_alignment_p_and_q_pair_by_layer_index_instead():
+    small, large = adapted("vlm_llama_s"), adapted("vlm_llama_l")
+
+    def pq_keys(model, aligned):
+        return {k for k in shared_names(model, aligned).values() if k.startswith("w.pq")}
+
+    assert pq_keys(small, True) == pq_keys(large, True)  # blocks 0 and 1 of both
+    assert not pq_keys(small, False) & pq_keys(large, False)  # layers {0, 1} against {2, 5}: no pair

@@ -39,6 +39,7 @@ from .ditto_lora import DittoLoRAServer
 from .vqa import (
     ADAPTERS_ROUND,
     VQA_EVALUATE,
+    FixedMix,
     VQAClient,
     adapter_arrays,
     load_adapter_arrays,
@@ -111,7 +112,7 @@ class FedDPAClient(VQAClient):
 
     def evaluated_model(self, ctx: ClientContext) -> nn.Module:
         if not self.config.instance_weighting:
-            return _FixedHalf(ctx.model)
+            return FixedMix(ctx.model, 0.5)
         store = ctx.examples.store
         tasks, indices = ctx.state["memory_task"], ctx.state["memory_index"]
         rows = ctx.rng("references").choice(len(tasks), size=min(self.config.reference_examples, len(tasks)), replace=False)
@@ -124,16 +125,6 @@ class FedDPAClient(VQAClient):
                 refs.append(answer_representation(ctx.model, batch.images, batch.image_mask, batch.text, store.vocab.answer_id))
             ctx.model.train(was_training)
         return InstanceWeighted(ctx.model, torch.cat(refs), store.vocab.answer_id)
-
-
-class _FixedHalf(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor, image_mask: Tensor, tokens: Tensor) -> Tensor:
-        with adapter_mix(self.model, 0.5):
-            return self.model(images, image_mask, tokens)
 
 
 SPEC = AlgorithmSpec(

@@ -23,7 +23,9 @@ Choices (``docs/fedmosaic.md`` has them all): N_B = 2 by default (the paper's 4 
 layers; our models have 2, 4 or 6 blocks, and N_B may not exceed the shallowest); the proxy is the
 run's smallest architecture (the code uses its smallest, Llama-3.2-1B); P/Q of the two block families
 pair by a linear's name (attention's q/k/v/o everywhere; a family's MLP names only within it);
-``rela: false`` gives uniform weights over the others (the ablation "without RELA"); P, Q and
+``rela: false`` gives uniform weights over the others (the ablation "without RELA"),
+``block_alignment: false`` pairs P/Q by absolute layer index ("without block alignment"),
+``gate: false`` averages the two modules ("without the gate"); P, Q and
 the gates learn at ``pq_lr_scale`` = 10 × the client learning rate (the code: 5e-5 against 2e-5 for
 A and B, 2.5×; measured here, P and Q alone at 1e-3 learned nothing in 150 steps, at 1e-2 they did). Before federation,
 every architecture but the proxy's has its PQ bases aligned to the proxy's (``alignment.py``: A
@@ -51,6 +53,7 @@ from .alignment import align_pq_bases
 from .rela import mix_by_weights, rela_weights, task_profile_gradient
 from .vqa import (
     VQA_EVALUATE,
+    FixedMix,
     VQAClient,
     adapter_arrays,
     backbone_only,
@@ -77,6 +80,8 @@ class FedMosaicConfig(Validated):
     step_fraction: float = option(0.94, gt=0)  # of the shared routine's steps
     pq_lr_scale: float = option(10.0, gt=0)  # P, Q and the gates learn at this × client.lr (the code: 2.5)
     weight_alignment: bool = True  # align the other architectures' PQ bases to the proxy's before federation
+    block_alignment: bool = True  # false: P/Q pair by absolute layer index, not by relative-depth block
+    gate: bool = True  # false: global and local modules averaged (β̃ = ½), the gate unused
     alignment_examples: int = option(20, ge=1)  # server examples per pretraining template and source
     alignment_steps: int = option(300, ge=1)  # Adam steps fitting each layer's A
     alignment_lr: float = option(0.01, gt=0)
@@ -116,14 +121,19 @@ def align_before_federation(config: FedMosaicConfig, run: Any) -> dict[str, Any]
     return {"weight_alignment": report} if report else {}
 
 
-def shared_names(model: torch.nn.Module) -> dict[str, str]:
-    """Message key of each local-adapter tensor: PQ tensors by block and linear (shared across
-    architectures), plain LoRA tensors by their own name (shared within one architecture)."""
+def shared_names(model: torch.nn.Module, block_alignment: bool = True) -> dict[str, str]:
+    """Message key of each local-adapter tensor: PQ tensors by block (or, without block alignment,
+    by absolute layer index ``L<i>``) and linear, shared across architectures; plain LoRA tensors by
+    their own name, shared within one architecture."""
     out = {}
     for name, layer in lora_layers(model).items():
         for param, _ in layer.adapters["local"].named_parameters():
-            within = name.split(".blocks.", 1)[1].split(".", 1)[1] if layer.is_pq else ""
-            out[f"{name}.{param}"] = f"{PQ_PREFIX}{layer.block}.{within}.{param}" if layer.is_pq else f"w.{name}.{param}"
+            if not layer.is_pq:
+                out[f"{name}.{param}"] = f"w.{name}.{param}"
+                continue
+            index, within = name.split(".blocks.", 1)[1].split(".", 1)
+            slot = layer.block if block_alignment else f"L{index}"
+            out[f"{name}.{param}"] = f"{PQ_PREFIX}{slot}.{within}.{param}"
     return out
 
 
@@ -167,15 +177,14 @@ class FedMosaicServer(Server):
 
 class FedMosaicClient(VQAClient):
     def train(self, message: Message, ctx: ClientContext) -> Message:
-        model, proxy = ctx.model, ctx.modules[PROXY_SLOT]
-        names = shared_names(model)
+        model, proxy, config = ctx.model, ctx.modules[PROXY_SLOT], self.config
+        names = shared_names(model, config.block_alignment)
         if message.arrays:  # G_i; a tensor no related client holds stays at zero (no update)
             own = adapter_arrays(model, "global")
             received = {name: np.asarray(message.arrays.get(key, np.zeros_like(own["w." + name])))
                         for name, key in names.items()}
             load_adapter_arrays(model, {"w." + k: v for k, v in received.items()}, "global")
         profiles: list[np.ndarray] = []
-        config = self.config
 
         def profiled(batches):
             for step, batch in enumerate(batches):
@@ -185,8 +194,10 @@ class FedMosaicClient(VQAClient):
                 yield batch
 
         fast = {id(p): config.pq_lr_scale for p in [*adapter_parameters(model, "gate"), *pq_parameters(model)]}
+        trained = trainable_parameters(model) if config.gate else adapter_parameters(model, "local")
+        combined = model if config.gate else FixedMix(model, 0.5)
         with replay(ctx) as batches:
-            optimize(Objective(lambda b: mixed_answer_loss(model, b), trainable_parameters(model), ctx.training.optim(),
+            optimize(Objective(lambda b: mixed_answer_loss(combined, b), trained, ctx.training.optim(),
                                train=(model,), lr_scales=fast), profiled(batches),
                      steps=local_steps(ctx, config.step_fraction))
         profile = np.mean(profiles, axis=0)
@@ -196,6 +207,9 @@ class FedMosaicClient(VQAClient):
         local = adapter_arrays(model, "local")
         arrays = {names[k[2:]]: v for k, v in local.items()}
         return Message({**arrays, "profile": ctx.state["profile"]}, {"num_examples": len(ctx.state["memory_task"])})
+
+    def evaluated_model(self, ctx: ClientContext) -> torch.nn.Module:
+        return ctx.model if self.config.gate else FixedMix(ctx.model, 0.5)
 
 
 SPEC = AlgorithmSpec(

@@ -237,6 +237,20 @@ def fast_adaptation(model: nn.Module, ctx: ClientContext) -> dict[str, float]:
     return out
 
 
+class FixedMix(nn.Module):
+    """A dual-adapter model with its global adapter's share fixed at ``share`` (no gate), for decoding."""
+
+    def __init__(self, model: nn.Module, share: float = 0.5) -> None:
+        super().__init__()
+        self.model, self.share = model, share
+
+    def forward(self, images: torch.Tensor, image_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        from ..models.lora import adapter_mix  # noqa: PLC0415
+
+        with adapter_mix(self.model, self.share):
+            return self.model(images, image_mask, tokens)
+
+
 class VQAClient(Client):
     """Base client of the VQA methods: their shared evaluate stage, on :meth:`evaluated_model`."""
 
@@ -274,6 +288,6 @@ def average_by_architecture(replies: Mapping[int, Message], archs: Sequence[str]
             for arch, members in groups.items()}
 
 
-__all__ = ["ADAPTATION_SCALARS", "ADAPTERS_ROUND", "VQA_EVALUATE", "VQAClient", "adapter_arrays", "average_by_architecture", "backbone_only", "fast_adaptation",
+__all__ = ["ADAPTATION_SCALARS", "ADAPTERS_ROUND", "FixedMix", "VQA_EVALUATE", "VQAClient", "adapter_arrays", "average_by_architecture", "backbone_only", "fast_adaptation",
            "load_adapter_arrays", "local_steps", "receive", "replay", "size_weighted", "train_on_memory", "vqa_evaluation",
            "vqa_module", "vqa_modules"]
