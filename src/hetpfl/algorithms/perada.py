@@ -23,19 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 
 from ..configuration import Validated, option
-from ..data.hetvqa import make_batch
-from ..learn.loop import Objective, optimize
-from ..learn.losses import distillation_kl
-from ..learn.vlm import answer_logits
 from ..messages import Message
-from ..models.lora import trainable_parameters
 from .base import AlgorithmSpec, Comm, ServerSetup
 from .ditto_lora import PERSONAL, DittoLoRAClient, DittoLoRAServer, ditto_modules
-from .vqa import ADAPTERS_ROUND, VQA_EVALUATE, adapter_arrays, average_by_architecture, load_adapter_arrays
+from .server_distill import distill_adapter, ensemble_logits, server_batches
+from .vqa import ADAPTERS_ROUND, VQA_EVALUATE, average_by_architecture
 
 
 @dataclass
@@ -64,34 +58,19 @@ class PerAdaServer(DittoLoRAServer):
             return self.distill(rnd, replies)
 
     def distill(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
-        pool, sets = self.setup.examples(self.config.server_examples)
-        rng = self.setup.rng("distill", rnd)
-        size = self.setup.training.batch_size
-        batches = [make_batch(pool, s, np.sort(rows)) for s in sets
-                   for rows in np.array_split(rng.permutation(len(s)), max(1, len(s) // size))]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        teacher = [torch.zeros(0)] * len(batches)
+        batches = server_batches(self.setup, self.config.server_examples, "distill", rnd)
         archs = self.setup.client_archs
-        with torch.no_grad():  # the ensemble: mean answer logits of the clients' uploaded models
-            for client, reply in replies.items():
-                model = self.students[archs[client]].eval()
-                load_adapter_arrays(model, {k: v for k, v in reply.arrays.items() if not k.startswith(PERSONAL)})
-                for i, batch in enumerate(batches):
-                    logits = answer_logits(model, batch)[0] / len(replies)
-                    teacher[i] = logits if teacher[i].numel() == 0 else teacher[i] + logits
+        shared = {c: {k: v for k, v in r.arrays.items() if not k.startswith(PERSONAL)} for c, r in replies.items()}
+        teacher = ensemble_logits({c: (self.students[archs[c]], shared[c]) for c in sorted(replies)}, batches)
         losses = {}
-        t = self.config.temperature
         for arch, student in self.students.items():
             adapters = self.global_adapters[arch]
-            load_adapter_arrays(student, {k: v for k, v in adapters.items() if not k.startswith(PERSONAL)})
-            def loss(step, student=student):  # KL to the ensemble at T, without T² (FedMosaic's code)
-                batch, target = step
-                return distillation_kl(answer_logits(student, batch)[0], target, t).mean() / t**2
-
-            result = optimize(Objective(loss, trainable_parameters(student), self.setup.training.optim(),
-                                        train=(student,)), list(zip(batches, teacher)))
-            adapters.update(adapter_arrays(student))
-            losses[f"distill_loss_{arch}"] = result["loss"]
+            start = {k: v for k, v in adapters.items() if not k.startswith(PERSONAL)}
+            # KL to the ensemble at T, without T² (FedMosaic's code)
+            distilled, loss = distill_adapter(student, start, batches, teacher, self.config.temperature,
+                                              self.setup.training.optim(), squared=False)
+            adapters.update(distilled)
+            losses[f"distill_loss_{arch}"] = loss
         return losses
 
 
