@@ -43,7 +43,7 @@ def data():
 
 def test_the_lora_methods_are_registered_as_vqa_methods():
     seven = {"sft", "fedit", "ditto_lora", "fedsim", "feddpa", "feddat", "perada"}  # issue #11's baselines
-    fedmosaic_and_baselines = {"fedmosaic", "feddistill", "fedmkt", "takfl", "flexlora"}  # issue #12's so far
+    fedmosaic_and_baselines = {"fedmosaic", "feddistill", "fedmkt", "takfl", "hetlora", "flexlora"}  # issue #12's so far
     assert set(VQA_METHODS) == seven | fedmosaic_and_baselines
 
 
@@ -204,3 +204,31 @@ def test_fedmkt_transfers_only_where_the_teacher_answers_better():
     better = torch.tensor([[5.0, 0.0, 0.0], [3.0, 0.0, 0.0]])  # better on the first position only
     kl = (F.softmax(better[0], -1) * (F.log_softmax(better[0], -1) - F.log_softmax(student[0], -1))).sum()
     assert torch.allclose(selective_transfer_loss(student, targets, better), F.cross_entropy(student, targets) + kl)
+
+
+def test_hetlora_zero_pads_ranks_weighs_by_update_norm_and_averages_widths_over_holders():
+    from hetpfl.algorithms.hetlora import aggregate
+
+    small = {"w.l.lora_A": np.ones((1, 2), dtype=np.float32), "w.l.lora_B": np.ones((2, 1), dtype=np.float32)}
+    large = {"w.l.lora_A": np.full((2, 3), 2.0, dtype=np.float32), "w.l.lora_B": np.full((4, 2), 2.0, dtype=np.float32)}
+    out = aggregate({0: small, 1: large})
+    w_small = np.linalg.norm(small["w.l.lora_B"] @ small["w.l.lora_A"])  # 2
+    w_large = np.linalg.norm(large["w.l.lora_B"].astype(np.float64) @ large["w.l.lora_A"])  # 8 * sqrt(12)
+    both = (w_small * 1 + w_large * 2) / (w_small + w_large)
+    assert out["w.l.lora_A"].shape == (2, 3) and out["w.l.lora_B"].shape == (4, 2)
+    assert np.isclose(out["w.l.lora_A"][0, 0], both)
+    assert np.isclose(out["w.l.lora_A"][1, 0], w_large * 2 / (w_small + w_large))  # rank 2: the small one's zero counts
+    assert np.isclose(out["w.l.lora_A"][0, 2], 2.0)  # input width 3: only the large one holds it
+
+
+def test_hetlora_self_pruning_drops_weak_trailing_components_only():
+    from hetpfl.algorithms.hetlora import _self_prune
+
+    model = build_model("vlm_gpt_s", hv.IMAGE_SHAPE, len(hv.vocabulary()), lora_rank=4)
+    for layer in lora_layers(model).values():
+        with torch.no_grad():
+            layer.adapters["local"].lora_A.fill_(1.0)
+            layer.adapters["local"].lora_B.copy_(torch.tensor([1.0, 1.0, 0.05, 0.01]).expand_as(layer.adapters["local"].lora_B))
+    assert _self_prune(model, 4, ratio=0.1, floor=1) == 2  # components 3 and 2 are weak; 1 is not
+    assert _self_prune(model, 4, ratio=0.0, floor=1) == 4  # 0: never prune
+    assert _self_prune(model, 4, ratio=0.1, floor=3) == 3
