@@ -20,6 +20,7 @@ before local training, as FedMD's "digest, then revisit".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,26 +66,37 @@ class FedDistillServer(Server):
         return {}
 
 
+def learn_from_public(ctx: ClientContext, batches: list, flat_targets: np.ndarray, steps: int, stream: str,
+                      loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """``steps`` steps over the public ``batches`` (cycling in a shuffled order) of
+    ``loss(own answer logits, answers, target logits)`` on the client's trainable tensors; the target
+    logits come flat, as uploaded, and are split back per batch."""
+    if not steps:
+        return
+    model = ctx.model
+    targets = torch.split(torch.from_numpy(np.array(flat_targets)), [answer_logits_count(b) for b in batches])
+    order = ctx.rng(stream).permutation(len(batches))
+    chosen = [(batches[i], targets[i]) for i in np.resize(order, steps)]
+    optimize(Objective(lambda step: loss(*answer_logits(model, step[0]), step[1]), trainable_parameters(model),
+                       ctx.training.optim(), train=(model,)), chosen)
+
+
+@torch.no_grad()
+def public_answers(model: torch.nn.Module, batches: list) -> np.ndarray:
+    """The model's answer logits on the public batches, flat (what travels)."""
+    model.eval()
+    return torch.cat([answer_logits(model, b)[0] for b in batches]).numpy().astype(np.float32)
+
+
 class FedDistillClient(VQAClient):
     def train(self, message: Message, ctx: ClientContext) -> Message:
-        model, config = ctx.model, self.config
+        config = self.config
         batches = public_batches(ctx, config.public_examples, ctx.training.batch_size)
-        sizes = [int(answer_logits_count(b)) for b in batches]
-        if "consensus" in message.arrays and config.digest_steps:
-            targets = torch.split(torch.from_numpy(np.array(message.arrays["consensus"])), sizes)
-            order = ctx.rng("digest").permutation(len(batches))
-            steps = [(batches[i], targets[i]) for i in np.resize(order, config.digest_steps)]
-
-            def digest(step):
-                batch, target = step
-                return distillation_kl(answer_logits(model, batch)[0], target, config.temperature).mean()
-
-            optimize(Objective(digest, trainable_parameters(model), ctx.training.optim(), train=(model,)), steps)
+        if "consensus" in message.arrays:  # digest, then revisit
+            learn_from_public(ctx, batches, message.arrays["consensus"], config.digest_steps, "digest",
+                              lambda own, _, target: distillation_kl(own, target, config.temperature).mean())
         train_on_memory(ctx)
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat([answer_logits(model, b)[0] for b in batches])
-        return Message({"logits": logits.numpy().astype(np.float32)}, {"num_examples": len(ctx.state["memory_task"])})
+        return Message({"logits": public_answers(ctx.model, batches)}, {"num_examples": len(ctx.state["memory_task"])})
 
 
 def answer_logits_count(batch) -> int:

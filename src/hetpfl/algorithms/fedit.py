@@ -50,7 +50,17 @@ class FedITServer(Server):
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
         archs = self.setup.client_archs
         replies = comm.ask("train", {c: Message(dict(self.global_adapters[archs[c]])) for c in clients})
-        self.global_adapters.update(average_by_architecture(replies, archs))
+        if not replies:
+            return {}
+        self.aggregate(replies)
+        return self.after_aggregation(rnd, replies)
+
+    def aggregate(self, replies: dict[int, Message]) -> None:
+        """A^{t+1}_a = Σ n_k A_k / Σ n_k per architecture (FlexLoRA changes this step)."""
+        self.global_adapters.update(average_by_architecture(replies, self.setup.client_archs))
+
+    def after_aggregation(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        """A server step after averaging (PerAda's and TAKFL's distillation); its measures."""
         return {}
 
 

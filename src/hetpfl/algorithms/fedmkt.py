@@ -28,12 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ..configuration import Validated, option
-from ..learn.loop import Objective, optimize
-from ..learn.vlm import answer_logits
 from ..messages import Message, Schema, StageSchema
-from ..models.lora import trainable_parameters
 from .base import AlgorithmSpec, ClientContext, Comm, Server
-from .feddistill import LOGITS, answer_logits_count, public_batches
+from .feddistill import LOGITS, learn_from_public, public_answers, public_batches
 from .vqa import VQA_EVALUATE, VQAClient, train_on_memory, vqa_modules
 
 
@@ -78,24 +75,13 @@ def selective_transfer_loss(logits: torch.Tensor, targets: torch.Tensor, teacher
 
 class FedMKTClient(VQAClient):
     def train(self, message: Message, ctx: ClientContext) -> Message:
-        model, config = ctx.model, self.config
+        config = self.config
         batches = public_batches(ctx, config.public_examples, ctx.training.batch_size)
-        if "teacher" in message.arrays and config.transfer_steps:
-            teachers = torch.split(torch.from_numpy(np.array(message.arrays["teacher"])),
-                                   [answer_logits_count(b) for b in batches])
-            order = ctx.rng("transfer").permutation(len(batches))
-            steps = [(batches[i], teachers[i]) for i in np.resize(order, config.transfer_steps)]
-
-            def transfer(step):
-                batch, teacher = step
-                return selective_transfer_loss(*answer_logits(model, batch), teacher)
-
-            optimize(Objective(transfer, trainable_parameters(model), ctx.training.optim(), train=(model,)), steps)
+        if "teacher" in message.arrays:
+            learn_from_public(ctx, batches, message.arrays["teacher"], config.transfer_steps, "transfer",
+                              selective_transfer_loss)
         train_on_memory(ctx)
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat([answer_logits(model, b)[0] for b in batches])
-        return Message({"logits": logits.numpy().astype(np.float32)}, {"num_examples": len(ctx.state["memory_task"])})
+        return Message({"logits": public_answers(ctx.model, batches)}, {"num_examples": len(ctx.state["memory_task"])})
 
 
 SPEC = AlgorithmSpec(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..messages import Message
-from .base import AlgorithmSpec, Comm
+from .base import AlgorithmSpec
 from .fedit import FedITClient, FedITServer
 from .vqa import ADAPTERS_ROUND, VQA_EVALUATE, vqa_modules
 
@@ -53,12 +53,10 @@ def svd_average(replies: dict[int, Message], members: list[int]) -> dict[str, np
 
 
 class FlexLoRAServer(FedITServer):
-    def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
+    def aggregate(self, replies: dict[int, Message]) -> None:
         archs = self.setup.client_archs
-        replies = comm.ask("train", {c: Message(dict(self.global_adapters[archs[c]])) for c in clients})
         for arch in sorted({archs[c] for c in replies}):
             self.global_adapters[arch] = svd_average(replies, [c for c in sorted(replies) if archs[c] == arch])
-        return {}
 
 
 SPEC = AlgorithmSpec(

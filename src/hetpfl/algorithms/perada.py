@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 from ..configuration import Validated, option
 from ..messages import Message
-from .base import AlgorithmSpec, Comm, ServerSetup
+from .base import AlgorithmSpec, ServerSetup
 from .ditto_lora import PERSONAL, DittoLoRAClient, DittoLoRAServer, ditto_modules
-from .server_distill import distill_adapter, ensemble_logits, server_batches
-from .vqa import ADAPTERS_ROUND, VQA_EVALUATE, average_by_architecture
+from .server_distill import distill_adapter, ensemble_logits, server_batches, student_models
+from .vqa import ADAPTERS_ROUND, VQA_EVALUATE
 
 
 @dataclass
@@ -44,16 +44,9 @@ class PerAdaConfig(Validated):
 class PerAdaServer(DittoLoRAServer):
     def __init__(self, config: PerAdaConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
-        if setup.examples is None:
-            raise ValueError("perada needs server-side examples (a HetVQA run)")
-        self.students = {arch: setup.build_model(arch, "student") for arch in sorted(set(setup.client_archs))}
+        self.students = student_models(setup)
 
-    def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
-        archs = self.setup.client_archs
-        replies = comm.ask("train", {c: Message(dict(self.global_adapters[archs[c]])) for c in clients})
-        if not replies:
-            return {}
-        self.global_adapters.update(average_by_architecture(replies, archs))
+    def after_aggregation(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         with self.setup.clock.phase("distill"):
             return self.distill(rnd, replies)
 

@@ -18,7 +18,14 @@ from ..models.lora import trainable_parameters
 from .base import ServerSetup
 from .vqa import adapter_arrays, load_adapter_arrays
 
-__all__ = ["distill_adapter", "ensemble_logits", "server_batches"]
+__all__ = ["distill_adapter", "ensemble_logits", "server_batches", "student_models"]
+
+
+def student_models(setup: ServerSetup) -> dict[str, nn.Module]:
+    """One server copy of every architecture's adapted backbone (to load adapters into and distil)."""
+    if setup.examples is None:
+        raise ValueError("server-side distillation needs the server's generic examples (a HetVQA run)")
+    return {arch: setup.build_model(arch, "student") for arch in sorted(set(setup.client_archs))}
 
 
 def server_batches(setup: ServerSetup, per_source: int, *keys: str | int) -> list[Batch]:
