@@ -7,8 +7,8 @@ scenarios FedMosaic's claims need: homogeneous and two-size heterogeneous, dynam
 cross-family one (``families_dynamic``: Llama and GPT blocks). Methods: FedMosaic and its five
 heterogeneous baselines everywhere; issue #11's seven LoRA baselines on the scenarios their own table
 (configs/hetvqa_runs: homo_dynamic, sizes_dynamic) does not cover. Ablations on sizes_dynamic:
-without RELA, block alignment, weight alignment or the gate (HetLoRA in place of PQ-LoRA is the
-``hetlora`` run).
+without RELA, block alignment, weight alignment, the gate, or PQ-LoRA (plain LoRA shared across
+sizes by HetLoRA's padding, with RELA's weights).
 
 Usage: .venv/bin/python benchmarks/make_fedmosaic_runs.py   (rewrites the files; commit the result)
 Run:   benchmarks/run_configs.sh configs/fedmosaic_runs runs/fedmosaic "0 1 2" 2
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1] / "configs" / "fedmosaic_runs"
 SCENARIOS = ("homo_dynamic", "sizes_dynamic", "homo_static", "sizes_static", "families_dynamic")
 METHODS = ("fedmosaic", "feddistill", "fedmkt", "takfl", "hetlora", "flexlora")
 ABLATIONS = {"no_rela": {"rela": False}, "no_block_alignment": {"block_alignment": False},
-             "no_weight_alignment": {"weight_alignment": False}, "no_gate": {"gate": False}}
+             "no_weight_alignment": {"weight_alignment": False}, "no_gate": {"gate": False},
+             "no_pq_lora": {"pq_lora": False}}
 
 
 def write(path: Path, tree: dict) -> None:

@@ -135,3 +135,17 @@ def test_without_block_alignment_p_and_q_pair_by_layer_index_instead():
 
     assert pq_keys(small, True) == pq_keys(large, True)  # blocks 0 and 1 of both
     assert not pq_keys(small, False) & pq_keys(large, False)  # layers {0, 1} against {2, 5}: no pair
+
+
+def test_without_pq_lora_plain_lora_is_shared_across_sizes_by_padding():
+    from hetpfl.algorithms.hetlora import cut_to, padded_average
+
+    small = {"w.x.lora_A": np.ones((2, 3), dtype=np.float32)}
+    large = {"w.x.lora_A": np.full((2, 5), 3.0, dtype=np.float32), "w.deep.lora_A": np.ones((2, 5), dtype=np.float32)}
+    mixed = padded_average({0: small, 1: large, 2: small}, {0: 0.0, 1: 0.75, 2: 0.25})  # client 0's own G
+    assert np.allclose(mixed["w.x.lora_A"][:, :3], 0.75 * 3 + 0.25) and np.allclose(mixed["w.x.lora_A"][:, 3:], 3.0)
+    assert np.allclose(cut_to(small, mixed)["w.x.lora_A"], 0.75 * 3 + 0.25)  # the small client's slice
+    prepared = prepare(load_config(CONFIG, ["algorithm.pq_lora=false"]))
+    assert prepared.setup == {}  # nothing to align without PQ layers
+    model = prepared.run.new_module(prepared.run.client_modules(0)["model"], "probe")
+    assert not any(layer.is_pq for layer in lora_layers(model).values())

@@ -25,7 +25,8 @@ run's smallest architecture (the code uses its smallest, Llama-3.2-1B); P/Q of t
 pair by a linear's name (attention's q/k/v/o everywhere; a family's MLP names only within it);
 ``rela: false`` gives uniform weights over the others (the ablation "without RELA"),
 ``block_alignment: false`` pairs P/Q by absolute layer index ("without block alignment"),
-``gate: false`` averages the two modules ("without the gate"); P, Q and
+``gate: false`` averages the two modules ("without the gate"), ``pq_lora: false`` puts plain LoRA
+everywhere, shared across sizes by HetLoRA's zero-padding with RELA's weights ("without PQ-LoRA"); P, Q and
 the gates learn at ``pq_lr_scale`` = 10 × the client learning rate (the code: 5e-5 against 2e-5 for
 A and B, 2.5×; measured here, P and Q alone at 1e-3 learned nothing in 150 steps, at 1e-2 they did). Before federation,
 every architecture but the proxy's has its PQ bases aligned to the proxy's (``alignment.py``: A
@@ -50,6 +51,7 @@ from ..models.vlm import VLM_SIZES
 from ..models.lora import adapter_parameters, lora_layers, trainable_parameters
 from .base import MAIN_SLOT, AlgorithmSpec, ClientContext, Comm, Server, ServerSetup, weight_fields
 from .alignment import align_pq_bases
+from .hetlora import cut_to, padded_average
 from .rela import mix_by_weights, rela_weights, task_profile_gradient
 from .vqa import (
     VQA_EVALUATE,
@@ -82,6 +84,7 @@ class FedMosaicConfig(Validated):
     weight_alignment: bool = True  # align the other architectures' PQ bases to the proxy's before federation
     block_alignment: bool = True  # false: P/Q pair by absolute layer index, not by relative-depth block
     gate: bool = True  # false: global and local modules averaged (β̃ = ½), the gate unused
+    pq_lora: bool = True  # false: plain LoRA everywhere, shared across sizes by HetLoRA's padding
     alignment_examples: int = option(20, ge=1)  # server examples per pretraining template and source
     alignment_steps: int = option(300, ge=1)  # Adam steps fitting each layer's A
     alignment_lr: float = option(0.01, gt=0)
@@ -98,7 +101,7 @@ def proxy_architecture(config: FedMosaicConfig, archs: list[str] | tuple[str, ..
 def fedmosaic_modules(arch: str, config: FedMosaicConfig, data: Any = None) -> dict[str, ModuleSpec]:
     """The adapted model (dual adapters, PQ-LoRA on N_B target layers) and the frozen proxy."""
     archs = list(getattr(data, "backbone_options", {}) or [arch])
-    return {MAIN_SLOT: vqa_module(arch, data, dual=True, lora_pq_blocks=config.num_blocks),
+    return {MAIN_SLOT: vqa_module(arch, data, dual=True, lora_pq_blocks=config.num_blocks if config.pq_lora else 0),
             PROXY_SLOT: backbone_only(proxy_architecture(config, archs), data)}
 
 
@@ -114,7 +117,7 @@ def check_fedmosaic(config: FedMosaicConfig, run: Any) -> None:
 
 def align_before_federation(config: FedMosaicConfig, run: Any) -> dict[str, Any]:
     """The one-time weight alignment (``alignment.py``), unless ``weight_alignment`` is off."""
-    if not config.weight_alignment:
+    if not config.weight_alignment or not config.pq_lora:
         return {}
     report = align_pq_bases(run, proxy_architecture(config, run.client_archs), config.num_blocks,
                             config.alignment_examples, config.alignment_steps, config.alignment_lr)
@@ -161,6 +164,9 @@ class FedMosaicServer(Server):
         uploads = {c: {k: v for k, v in replies[c].arrays.items() if k.startswith("w.")} for c in ids}
         archs = self.setup.client_archs
         for a, i in enumerate(ids):
+            if not self.config.pq_lora:  # the ablation: every LoRA tensor across sizes, zero-padded
+                self.personal[str(i)] = padded_average(uploads, {j: weights[a, b] for b, j in enumerate(ids)})
+                continue
             pq = mix_by_weights({j: weights[a, b] for b, j in enumerate(ids)},
                                 {j: {k: v for k, v in uploads[j].items() if k.startswith(PQ_PREFIX)} for j in ids})
             same = {j: weights[a, b] for b, j in enumerate(ids) if archs[j] == archs[i]}
@@ -181,9 +187,9 @@ class FedMosaicClient(VQAClient):
         names = shared_names(model, config.block_alignment)
         if message.arrays:  # G_i; a tensor no related client holds stays at zero (no update)
             own = adapter_arrays(model, "global")
-            received = {name: np.asarray(message.arrays.get(key, np.zeros_like(own["w." + name])))
-                        for name, key in names.items()}
-            load_adapter_arrays(model, {"w." + k: v for k, v in received.items()}, "global")
+            received = {"w." + name: message.arrays[key] for name, key in names.items() if key in message.arrays}
+            zeros = {k: np.zeros_like(v) for k, v in own.items()}
+            load_adapter_arrays(model, cut_to(zeros, received), "global")  # cut: padded across sizes
         profiles: list[np.ndarray] = []
 
         def profiled(batches):

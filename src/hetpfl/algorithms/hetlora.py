@@ -68,27 +68,44 @@ def _pad(array: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
     return out, mask
 
 
-def aggregate(uploads: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Sparsity-weighted, zero-padded average per tensor (module docstring)."""
+def update_norms(uploads: dict[int, dict[str, np.ndarray]]) -> dict[int, float]:
+    """Each client's ||B_k A_k||_F summed over its layers (HetLoRA's sparsity weights, unnormalized)."""
     weights = {}
     for c, arrays in uploads.items():
         layers = {k[: -len(".lora_A")] for k in arrays if k.endswith(".lora_A")}
         weights[c] = sum(np.linalg.norm(arrays[f"{layer}.lora_B"].astype(np.float64) @ arrays[f"{layer}.lora_A"])
                          for layer in layers) or 1e-12
+    return weights
+
+
+def padded_average(uploads: dict[int, dict[str, np.ndarray]], weights: dict[int, float]) -> dict[str, np.ndarray]:
+    """Per LoRA tensor, the ``weights``-weighted average of the uploads zero-padded to the largest
+    shape: along the rank (A's rows, B's columns) the padded zeros count, as HetLoRA's padding; across
+    widths each entry is averaged over the clients whose layer has it. Clients of weight 0 are left out."""
     out = {}
-    for name in sorted({k for a in uploads.values() for k in a}):
-        holders = [c for c in uploads if name in uploads[c]]
+    for name in sorted({k for c, a in uploads.items() if weights.get(c, 0) > 0 for k in a}):
+        holders = [c for c in uploads if name in uploads[c] and weights.get(c, 0) > 0]
         is_a = name.endswith(".lora_A")
         shape = tuple(max(uploads[c][name].shape[d] for c in holders) for d in range(2))
         total, weight = np.zeros(shape), np.zeros(shape)
         for c in holders:
             padded, mask = _pad(uploads[c][name].astype(np.float64), shape)
-            # along the rank (A's rows, B's columns) the padded zeros count; across widths only holders
             width_mask = mask.any(axis=0, keepdims=True) if is_a else mask.any(axis=1, keepdims=True)
             total += weights[c] * padded
             weight += weights[c] * np.broadcast_to(width_mask, shape)
         out[name] = (total / np.maximum(weight, 1e-12)).astype(np.float32)
     return out
+
+
+def aggregate(uploads: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """HetLoRA's rule: the padded average weighted by each client's update norm (module docstring)."""
+    return padded_average(uploads, update_norms(uploads))
+
+
+def cut_to(own: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``received`` tensors cut to the leading corner of this model's shapes (its own where missing)."""
+    return {k: np.array(received[k][tuple(slice(0, n) for n in v.shape)]) if k in received else v
+            for k, v in own.items()}
 
 
 class HetLoRAServer(Server):
@@ -109,8 +126,7 @@ class HetLoRAClient(VQAClient):
         own = adapter_arrays(model)
         rank = int(ctx.state.get("rank", next(v.shape[0] for k, v in own.items() if k.endswith(".lora_A"))))
         if message.arrays:  # the leading components of the global adapter, cut to this model's shapes
-            load_adapter_arrays(model, {k: np.array(message.arrays[k][tuple(slice(0, n) for n in v.shape)])
-                                        if k in message.arrays else v for k, v in own.items()})
+            load_adapter_arrays(model, cut_to(own, dict(message.arrays)))
         _zero_beyond(model, rank)
         train_on_memory(ctx)
         rank = _self_prune(model, rank, config.prune_ratio, config.min_rank)
