@@ -116,3 +116,10 @@ def test_method_configs_check_their_rules_when_built_in_code_too():
         CosmosConfig(cluster_selection="oracle")
     with pytest.raises(ConfigError, match=r"algorithm.oracle_clusters=None: cluster_selection=oracle needs"):
         small_config("cosmos", **{"algorithm.cluster_selection": "oracle"})
+
+
+def test_a_method_named_by_an_override_takes_its_own_keys_after_it():
+    from hetpfl.config import load_config
+
+    config = load_config(base={"algorithm": "fedmd"}, overrides=["algorithm=ditto", "algorithm.lam=0.5"])
+    assert config.algorithm["name"] == "ditto" and config.algorithm["lam"] == 0.5

@@ -198,6 +198,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree = json.loads(json.dumps(tree))  # deep copy of plain data
     for item in overrides:
         key, value = parse_override(item)
+        if key.startswith("algorithm.") and isinstance(tree.get("algorithm"), str):
+            tree["algorithm"] = {"name": tree["algorithm"]}  # "algorithm: x" is short for {name: x}
         apply_override(tree, key, value)
     return build_dataclass(ExperimentConfig, tree, prefix="")
 
