@@ -133,6 +133,32 @@ def test_greedy_answer_matches_step_by_step_argmax_and_ignores_padding():
         greedy_answer(model, images, mask, prompt, lengths, max_new_tokens=6, eos_id=VOCAB - 1)
 
 
+def test_decoding_encodes_the_images_once_and_gives_the_same_answers():
+    from hetpfl.models.vlm import reuse_visual_tokens
+
+    model = tiny().eval()
+    images, mask, tokens = batch()
+    lengths = torch.tensor([3, 4, 2])
+    calls = []
+    model.vision.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        plain = [model(images, mask, tokens) for _ in range(2)]
+        assert len(calls) == 2
+        with reuse_visual_tokens(model):
+            with reuse_visual_tokens(model):  # re-entrant: the outer memo survives
+                reused = [model(images, mask, tokens) for _ in range(2)]
+            reused.append(model(images, mask, tokens))
+            model(images.clone(), mask, tokens)  # another images tensor is encoded again
+        assert len(calls) == 4 and model._visual_memo is None
+    assert all(torch.equal(r, plain[0]) for r in reused + plain)
+    calls.clear()
+    answer = greedy_answer(model, images, mask, tokens, lengths, max_new_tokens=3, eos_id=VOCAB - 1)
+    assert len(calls) == 1  # one encoding for every step
+    with torch.no_grad():  # the teacher-forced pass over prompt + answer is decoding's first step
+        first = model(images, mask, tokens)
+    assert torch.equal(greedy_answer(model, images, mask, tokens, lengths, 3, VOCAB - 1, first_logits=first), answer)
+
+
 # --- LoRA ---------------------------------------------------------------------------------------
 
 def test_lora_adapts_every_language_linear_and_starts_at_the_base_model():

@@ -159,31 +159,14 @@ def size_weighted(batches: Sequence[Batch], per_batch: Callable[[Batch], torch.T
 # ---------------------------------------------------------------------------------------------
 
 
-def _score(model: nn.Module, store: Any, rows: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Exact match and token F1 of every reference in ``rows`` (in row order)."""
-    em, f1 = np.zeros(len(rows)), np.zeros(len(rows))
+def _score(model: nn.Module, store: Any, rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact match, token F1 and answer loss of every reference in ``rows`` (in row order)."""
+    em, f1, nll = np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows))
     for task in np.unique(rows.x[:, 0]) if len(rows) else ():
         where = np.flatnonzero(rows.x[:, 0] == task)
-        em[where], f1[where] = answer_scores(model, store.pool, store.examples("test", int(task)), rows.x[where, 1],
-                                             store.vocab)
-    return em, f1
-
-
-@torch.no_grad()
-def _answer_loss(model: nn.Module, store: Any, rows: Any) -> float:
-    from ..data.hetvqa import make_batch  # noqa: PLC0415
-
-    total, n = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for task in np.unique(rows.x[:, 0]) if len(rows) else ():
-        indices = rows.x[rows.x[:, 0] == task, 1]
-        for start in range(0, indices.size, 128):
-            chunk = indices[start:start + 128]
-            total += float(answer_loss(model, make_batch(store.pool, store.examples("test", int(task)), chunk))) * chunk.size
-            n += chunk.size
-    model.train(was_training)
-    return total / n if n else float("nan")
+        em[where], f1[where], nll[where] = answer_scores(model, store.pool, store.examples("test", int(task)),
+                                                         rows.x[where, 1], store.vocab)
+    return em, f1, nll
 
 
 def vqa_evaluation(model: nn.Module, ctx: ClientContext) -> Message:
@@ -192,8 +175,8 @@ def vqa_evaluation(model: nn.Module, ctx: ClientContext) -> Message:
     out when there are none (the first task, or every round of a static scenario), as is Others
     when no other client has met a task this one does not train on."""
     store = ctx.examples.store
-    em, f1 = _score(model, store, ctx.test)
-    others, _ = _score(model, store, ctx.examples.others)
+    em, f1, nll = _score(model, store, ctx.test)
+    others = _score(model, store, ctx.examples.others)[0]
     correct = np.bincount(ctx.test.task, weights=em, minlength=ctx.num_tasks)
     count = np.bincount(ctx.test.task, minlength=ctx.num_tasks)
     accuracy = np.where(count > 0, correct / np.maximum(count, 1), np.nan)
@@ -201,7 +184,7 @@ def vqa_evaluation(model: nn.Module, ctx: ClientContext) -> Message:
     earlier = np.setdiff1d(np.flatnonzero(count > 0), np.unique(ctx.train.task))
     earlier = earlier[~np.isnan(best[earlier])]
     ctx.state["best_task_acc"] = np.fmax(best, accuracy)
-    scalars = {"accuracy": float(em.mean()), "loss": _answer_loss(model, store, ctx.test),
+    scalars = {"accuracy": float(em.mean()), "loss": float(nll.mean()) if nll.size else float("nan"),
                "num_examples": len(ctx.test), "token_f1": float(f1.mean())}
     if others.size:
         scalars["others"] = float(others.mean())

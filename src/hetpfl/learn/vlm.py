@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..data.hetvqa import Batch, ReplayMemory, TaskExamples, Vocabulary, exact_match, make_batch, token_f1
 from ..data.hetvqa.images import ImagePool
-from ..models.vlm import greedy_answer
+from ..models.vlm import greedy_answer, reuse_visual_tokens
 
 __all__ = ["answer_logits", "answer_loss", "answer_scores", "example_batches", "memory_batches", "mixed_answer_loss", "score_answers"]
 
@@ -70,18 +70,24 @@ def mixed_answer_loss(model: nn.Module, batches: Sequence[Batch]) -> Tensor:
 
 @torch.no_grad()
 def answer_scores(model: nn.Module, pool: ImagePool, examples: TaskExamples, rows: np.ndarray, vocab: Vocabulary,
-                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy answers to the examples at ``rows``: per example, ``exact_match`` and ``token_f1`` (0..1)."""
+                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy answers to the examples at ``rows``: per example, ``exact_match`` and ``token_f1`` (0..1),
+    and the answer loss (mean cross-entropy over its answer words and ``<eos>``, teacher-forced).
+    The teacher-forced pass is also decoding's first step, and the images are encoded once."""
     was_training = model.training
     model.eval()
     rows = np.asarray(rows, dtype=np.int64)
-    em, f1 = np.zeros(rows.size), np.zeros(rows.size)
+    em, f1, nll = np.zeros(rows.size), np.zeros(rows.size), np.zeros(rows.size)
     try:
         for start in range(0, rows.size, batch_size):
             chunk = rows[start:start + batch_size]
             batch = make_batch(pool, examples, chunk)
-            answer = greedy_answer(model, batch.images, batch.image_mask, batch.text, batch.prompt_len,
-                                   max_new_tokens=int(batch.answer_len.max()), eos_id=vocab.eos_id)
+            with reuse_visual_tokens(model):
+                logits = model(batch.images, batch.image_mask, batch.text)
+                nll[start:start + chunk.size] = _per_example_loss(logits, batch).numpy()
+                answer = greedy_answer(model, batch.images, batch.image_mask, batch.text, batch.prompt_len,
+                                       max_new_tokens=int(batch.answer_len.max()), eos_id=vocab.eos_id,
+                                       first_logits=logits)
             for i, row in enumerate(chunk):
                 reference = vocab.decode(examples.text[row, int(examples.prompt_len[row]):])
                 predicted = vocab.decode(answer[i].tolist())
@@ -89,12 +95,22 @@ def answer_scores(model: nn.Module, pool: ImagePool, examples: TaskExamples, row
                 f1[start + i] = token_f1(predicted, reference)
     finally:
         model.train(was_training)
-    return em, f1
+    return em, f1, nll
+
+
+def _per_example_loss(logits: Tensor, batch: Batch) -> Tensor:
+    """(B,): each row's mean cross-entropy over its answer positions."""
+    where = _answer_positions(batch)
+    targets = torch.roll(batch.text, shifts=-1, dims=1)
+    per_token = F.cross_entropy(logits[where], targets[where], reduction="none")
+    row = where.nonzero()[:, 0]
+    total = torch.zeros(logits.shape[0], dtype=per_token.dtype).index_add_(0, row, per_token)
+    return total / where.sum(dim=1).clamp(min=1)
 
 
 def score_answers(model: nn.Module, pool: ImagePool, examples: TaskExamples, vocab: Vocabulary,
                   batch_size: int = 128) -> dict[str, float]:
     """Greedy answers to every example: mean ``exact_match`` and ``token_f1`` (0..1)."""
-    em, f1 = answer_scores(model, pool, examples, np.arange(len(examples)), vocab, batch_size)
+    em, f1, _ = answer_scores(model, pool, examples, np.arange(len(examples)), vocab, batch_size)
     n = max(len(examples), 1)
     return {"exact_match": float(em.sum()) / n, "token_f1": float(f1.sum()) / n}

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["VLM_FAMILIES", "VLM_SIZES", "VLMSize", "VisionLanguageModel", "backbone_dir", "backbone_file", "pq_basis_file",
-           "greedy_answer"]
+           "greedy_answer", "reuse_visual_tokens"]
 
 #: Block designs: name -> (norm, MLP, positions) as described in the module docstring.
 VLM_FAMILIES = ("llama", "gpt")
@@ -230,6 +232,7 @@ class VisionLanguageModel(nn.Module):
         self.input_shape, self.vocab_size = tuple(input_shape), int(num_classes)
         self.max_images, self.max_text_len, self.image_grid = max_images, max_text_len, image_grid
         self.image_tokens = max_images * image_grid ** 2
+        self._visual_memo: list[Tensor] | None = None  # [images, their tokens] inside reuse_visual_tokens
         self.vision = VisionEncoder(self.input_shape[0], vision_dim, image_grid)
         self.projector = nn.Sequential(nn.Linear(vision_dim, self.size.width), nn.GELU(),
                                        nn.Linear(self.size.width, self.size.width))
@@ -298,21 +301,51 @@ class VisionLanguageModel(nn.Module):
         b = images.shape[0]
         if tokens.dim() != 2 or tokens.shape[0] != b or tokens.shape[1] > self.max_text_len:
             raise ValueError(f"{self.arch}: tokens must be (B={b}, <= {self.max_text_len}), got {tuple(tokens.shape)}")
-        visual = self.projector(self.vision(images.flatten(0, 1)))  # (B*M, g*g, width)
-        visual = visual.reshape(b, -1, self.size.width)
+        visual = self._visual_tokens(images)
         text = self.language.embed_tokens(tokens)
         key_mask = torch.cat((image_mask.bool().repeat_interleave(self.image_grid ** 2, dim=1),
                               torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)), dim=1)
         hidden = self.language(torch.cat((visual, text), dim=1), key_mask)
         return self.language.lm_head(hidden[:, visual.shape[1]:])
 
+    def _visual_tokens(self, images: Tensor) -> Tensor:
+        """(B, M * g * g, width): the projected image tokens, computed once per ``images`` tensor
+        inside :func:`reuse_visual_tokens`."""
+        memo = self._visual_memo
+        if memo and memo[0] is images:
+            return memo[1]
+        visual = self.projector(self.vision(images.flatten(0, 1)))  # (B*M, g*g, width)
+        visual = visual.reshape(images.shape[0], -1, self.size.width)
+        if memo is not None:
+            memo[:] = [images, visual]
+        return visual
+
+
+@contextmanager
+def reuse_visual_tokens(model: nn.Module) -> Iterator[None]:
+    """Within: every :class:`VisionLanguageModel` inside ``model`` (wrappers included) encodes one
+    ``images`` tensor once and reuses its tokens while it is passed again, as greedy decoding does at
+    every step. For inference only: the weights must not change inside (no gradient flows to a
+    reused result). Re-entrant."""
+    fresh = [m for m in model.modules() if isinstance(m, VisionLanguageModel) and m._visual_memo is None]
+    for m in fresh:
+        m._visual_memo = []
+    try:
+        yield
+    finally:
+        for m in fresh:
+            m._visual_memo = None
+
 
 @torch.no_grad()
 def greedy_answer(model: nn.Module, images: Tensor, image_mask: Tensor, prompt: Tensor, prompt_lengths: Tensor,
-                  max_new_tokens: int, eos_id: int) -> Tensor:
+                  max_new_tokens: int, eos_id: int, first_logits: Tensor | None = None) -> Tensor:
     """Greedy decoding after right-padded prompts: (B, max_new_tokens) answer token ids, ``eos_id``
     from the first end-of-answer on. ``prompt`` (B, L) holds each prompt in its first
-    ``prompt_lengths[i]`` positions; ``L`` must leave room for the new tokens."""
+    ``prompt_lengths[i]`` positions; ``L`` must leave room for the new tokens. ``first_logits``:
+    ``model``'s logits on ``prompt`` as given, when the caller has them (a teacher-forced pass whose
+    rows continue with the reference answer: causal attention leaves the logits at each prompt's
+    end as decoding would see them)."""
     b = prompt.shape[0]
     rows = torch.arange(b, device=prompt.device)
     tokens, lengths = prompt.clone(), prompt_lengths.clone().long()
@@ -321,15 +354,16 @@ def greedy_answer(model: nn.Module, images: Tensor, image_mask: Tensor, prompt: 
                          f"{max_new_tokens} new ones in {tokens.shape[1]} positions")
     answer = torch.full((b, max_new_tokens), eos_id, dtype=torch.long, device=prompt.device)
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-    for step in range(max_new_tokens):
-        # right padding + causal attention: the padding after each prompt cannot change its logits
-        logits = model(images, image_mask, tokens)
-        next_token = logits[rows, lengths - 1].argmax(-1)
-        next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
-        answer[:, step] = next_token
-        tokens[rows, lengths] = next_token
-        lengths += 1
-        done |= next_token == eos_id
-        if bool(done.all()):
-            break
+    with reuse_visual_tokens(model):
+        for step in range(max_new_tokens):
+            # right padding + causal attention: what follows each prompt cannot change its logits
+            logits = first_logits if step == 0 and first_logits is not None else model(images, image_mask, tokens)
+            next_token = logits[rows, lengths - 1].argmax(-1)
+            next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
+            answer[:, step] = next_token
+            tokens[rows, lengths] = next_token
+            lengths += 1
+            done |= next_token == eos_id
+            if bool(done.all()):
+                break
     return answer
