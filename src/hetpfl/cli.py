@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .configuration import ConfigError
+from .numerics import portable_numerics_active, portable_numerics_supported, restart_with_portable_numerics
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key)")
     run.add_argument("--data-dir", help="where datasets are read from (else $HETPFL_DATA_DIR, else ~/.cache/hetpfl/data)")
     run.add_argument("--runtime", help="shortcut for --set runtime.name=... (simulator, flower-sim)")
+    run.add_argument("--portable-numerics", action="store_true",
+                     help="pin PyTorch, MKL, oneDNN and OpenBLAS to their AVX2 paths so any x86-64 machine "
+                          "gives the same bytes for a seed (restarts the command; see hetpfl.numerics)")
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="compare run folders (mean ± std over seeds)")
     rep.add_argument("runs", nargs="+", help="run folders, or folders containing them")
@@ -217,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "portable_numerics", False) and not portable_numerics_active():
+        if not portable_numerics_supported():
+            print("hetpfl: --portable-numerics: this processor is not x86-64 with AVX2; "
+                  "the pinned paths do not exist here", file=sys.stderr)
+            return 2
+        restart_with_portable_numerics(argv)
     try:
         return args.func(args)
     except ConfigError as exc:

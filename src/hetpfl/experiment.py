@@ -20,6 +20,7 @@ from . import __version__
 from .config import ExperimentConfig, config_yaml, load_config
 from .configuration import ConfigError
 from .engine import HEATMAPS, VISUALS, CheckpointPolicy, latest_checkpoint
+from .numerics import portable_numerics_active
 from .prepare import Prepared, prepare, run_from_yaml
 from .runtimes import RUNTIMES, Launch
 
@@ -119,7 +120,9 @@ def run_experiment(
         "clients": prepared.clients,
         **({"setup": prepared.setup} if prepared.setup else {}),
         **_data_facts(prepared),
-        "environment": {"hetpfl": __version__, "python": platform.python_version(), "numpy": np.__version__},
+        "environment": {"hetpfl": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                        "torch": _torch_version(), "processor": platform.machine(),
+                        "portable_numerics": portable_numerics_active()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_run(out)
@@ -130,6 +133,12 @@ def run_experiment(
         truth = None if scenario is None else (scenario.relatedness(), "true task relatedness (shared task types)")
         save_heatmap(out / f"{name}.png", matrix, title, truth)
     return summary
+
+
+def _torch_version() -> str:
+    import torch  # noqa: PLC0415  (torch loads lazily: `hetpfl list` and config checks do not need it)
+
+    return torch.__version__
 
 
 def _data_facts(prepared: Prepared) -> dict[str, Any]:
