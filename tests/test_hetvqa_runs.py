@@ -233,3 +233,29 @@ def test_hetlora_self_pruning_drops_weak_trailing_components_only():
     assert _self_prune(model, 4, ratio=0.1, floor=1) == 2  # components 3 and 2 are weak; 1 is not
     assert _self_prune(model, 4, ratio=0.0, floor=1) == 4  # 0: never prune
     assert _self_prune(model, 4, ratio=0.1, floor=3) == 3
+
+
+def test_the_results_table_pools_recorded_and_published_seeds(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hetvqa_table", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "hetvqa_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    final = {key: 0.5 for key in script.MEASURES.values()}
+    for seed, self_acc in ((1, 0.50), (2, 0.60)):
+        run = tmp_path / "records" / "fedit" / f"seed{seed}"
+        run.mkdir(parents=True)
+        summary = {"name": "x", "algorithm": "fedit", "dataset": "hetvqa", "seed": seed, "wall_time_s": 600.0,
+                   "bytes_up_per_client_mean": 2e6, "final": {**final, "personalized_acc_mean": self_acc}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"source": "a test", "seed": 0, "methods": {"fedit": {"Self": 70.0}}}))
+    rows = script.markdown(script.collect(tmp_path / "records", earlier)).splitlines()
+    (fedit,) = [r for r in rows if r.startswith("| FedIT")]
+    cells = [c.strip() for c in fedit.split("|")[1:-1]]
+    assert cells[1] == "0,1,2" and cells[2] == "60.0 ± 8.2"  # the published seed counts like a recorded one
+    assert cells[3] == "50.0 ± 0.0" and cells[-1] == "10.0 ± 0.0"  # measures it lacks: the records alone
+    earlier.write_text(json.dumps({"source": "a test", "seed": 2, "methods": {"fedit": {"Self": 70.0}}}))
+    with pytest.raises(SystemExit, match="seed 2 of fedit is also a record"):
+        script.collect(tmp_path / "records", earlier)
