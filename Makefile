@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/hetpfl run configs/default.yaml -o runs/default
+	$(VENV)/bin/hetpfl run configs/default.yaml -o runs/default --overwrite
 
 # Flower's Ray simulation and the loopback deployment start their own processes: they run after
 # the rest, alone, so they never compete with a second pytest worker for the two cores.

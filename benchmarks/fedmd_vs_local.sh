@@ -8,8 +8,8 @@ HETPFL=${HETPFL:-.venv/bin/hetpfl}
 export HETPFL_DATA_DIR=${HETPFL_DATA_DIR:-$(realpath ../shared/data)}
 for dataset in digits fashion_mnist; do
   for seed in 0 1 2; do
-    "$HETPFL" run "configs/fedmd_vs_local/$dataset.yaml" -o "$OUT/$dataset/fedmd/seed$seed" --set seed=$seed
-    "$HETPFL" run "configs/fedmd_vs_local/$dataset.yaml" -o "$OUT/$dataset/local/seed$seed" --set seed=$seed \
+    "$HETPFL" run "configs/fedmd_vs_local/$dataset.yaml" -o "$OUT/$dataset/fedmd/seed$seed" --overwrite --set seed=$seed
+    "$HETPFL" run "configs/fedmd_vs_local/$dataset.yaml" -o "$OUT/$dataset/local/seed$seed" --overwrite --set seed=$seed \
       --set algorithm=local --set name="$(basename "$dataset")-local"
   done
 done

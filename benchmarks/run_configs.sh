@@ -28,7 +28,7 @@ printf '%s\n' "${jobs[@]}" | xargs -P "$PARALLEL" -L 1 bash -c '
   dir="$OUT/$0/seed$1"
   [ -f "$dir/summary.json" ] && exit 0   # finished runs are kept: the script resumes
   mkdir -p "$(dirname "$dir")"
-  "$HETPFL" run "$CONFIG_DIR/$0.yaml" --set seed=$1 -o "$dir" > "$dir.log" 2>&1 \
+  "$HETPFL" run "$CONFIG_DIR/$0.yaml" --set seed=$1 -o "$dir" --overwrite > "$dir.log" 2>&1 \
     || { echo "FAILED: $0 seed $1 (see $dir.log)"; exit 1; }
   echo "done: $0 seed $1 ($(grep -o "done in [0-9.]*s" "$dir.log"))"'
 "$HETPFL" report "$OUT" -o "$OUT/report" --markdown

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .configuration import ConfigError
+from .runfolder import ResultsFolderError
 from .numerics import portable_numerics_active, portable_numerics_supported, restart_with_portable_numerics
 
 
@@ -24,8 +25,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data.data_dir={args.data_dir}")
     if args.runtime:
         overrides.append(f"runtime.name={args.runtime}")
-    config = load_config(args.config, overrides)
-    out_dir = Path(args.out or Path("runs") / config.name)
+    if args.resume:
+        if overrides or args.out or args.overwrite:
+            raise ConfigError("--resume OUT_DIR continues that run with its own config.yaml: "
+                              "drop --set, --data-dir, --runtime, -o and --overwrite")
+        config_path = args.config or Path(args.resume) / "config.yaml"
+        config, out_dir = load_config(config_path), Path(args.resume)
+    elif args.config is None:
+        raise ConfigError("hetpfl run needs a config (e.g. configs/default.yaml), or --resume OUT_DIR")
+    else:
+        config = load_config(args.config, overrides)
+        out_dir = Path(args.out or Path("runs") / config.name)
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
@@ -54,9 +64,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress.update(task, advance=1, status=" ".join(status))
 
     try:
-        summary = run_experiment(config, out_dir, on_round=on_round, on_prepared=on_prepared)
+        summary = run_experiment(config, out_dir, on_round=on_round, on_prepared=on_prepared,
+                                 resume=bool(args.resume), overwrite=args.overwrite)
     finally:
-        progress.stop()
+        if task is not None:  # a run refused before it began prints its error alone
+            progress.stop()
     final = summary["final"]
     console.print(
         f"done in {summary['wall_time_s']:.1f}s: own-model accuracy {100 * final.get('personalized_acc_mean', float('nan')):.2f}% "
@@ -70,7 +82,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import report  # noqa: PLC0415
 
     out = args.out or (Path(args.runs[0]) / "report" if len(args.runs) == 1 else None)
-    print(report(args.runs, out_dir=out, markdown=args.markdown))
+    skipped: list[tuple[Path, str]] = []
+    print(report(args.runs, out_dir=out, markdown=args.markdown, skipped=skipped))
+    for run_dir, reason in skipped:
+        print(f"hetpfl: left out {run_dir}: {reason}", file=sys.stderr)
     if out:
         print(f"\ncomparison.png, table.md and table.json written to {out}", file=sys.stderr)
     return 0
@@ -181,10 +196,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetpfl", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment described by a YAML file")
-    run.add_argument("config", help="YAML config (see configs/)")
-    run.add_argument("-o", "--out", help="results folder (default: runs/<name>)")
+    run.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    run.add_argument("-o", "--out", help="results folder (default: runs/<name>); one that holds a run is refused")
+    run.add_argument("--overwrite", action="store_true", help="replace the run the results folder holds")
+    run.add_argument("--resume", metavar="OUT_DIR",
+                     help="continue the run in OUT_DIR from its newest checkpoint (runtime.checkpoint_every > 0)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (dotted key)")
     run.add_argument("--data-dir", help="where datasets are read from (else $HETPFL_DATA_DIR, else ~/.cache/hetpfl/data)")
     run.add_argument("--runtime", help="shortcut for --set runtime.name=... (simulator, flower-sim)")
@@ -231,18 +250,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         restart_with_portable_numerics(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"hetpfl: config error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"hetpfl: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # DatasetUnavailableError and friends: say what, not a traceback
-        if type(exc).__name__ == "DatasetUnavailableError":
+    except Exception as exc:  # one line a user can act on; the traceback behind --debug
+        if args.debug:
+            raise
+        if isinstance(exc, ConfigError):
+            print(f"hetpfl: {'' if isinstance(exc, ResultsFolderError) else 'config error: '}{exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "DatasetUnavailableError":
             print(f"hetpfl: {exc}", file=sys.stderr)
             return 2
-        raise
-
+        print(f"hetpfl: {type(exc).__name__}: {exc} (hetpfl --debug ... shows the traceback)", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

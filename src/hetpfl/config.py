@@ -10,6 +10,7 @@ data (more clients than samples, a public set for a method that needs one) are c
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ from .configuration import (
     Validated,
     apply_override,
     build_dataclass,
+    load_yaml,
     option,
     parse_override,
     require,
@@ -37,6 +39,11 @@ from .models import ARCHITECTURES, ModuleSpec
 from .models.lora import LoRAOptions
 from .runtimes import RUNTIMES
 from .simulator import EXECUTORS
+
+# Upper bounds that catch typos before any work: beyond them a run hangs drawing its client-sampling
+# schedule (rounds) or fails to start its thread pool (threads).
+MAX_ROUNDS = 100_000
+MAX_TORCH_THREADS = 256
 
 
 @dataclass
@@ -124,7 +131,7 @@ class RuntimeConfig(Validated):
     compression: str = option("none", choices=COMPRESSIONS)  # fp16: messages' float32 arrays travel as float16
     # CPU threads for torch. 1 is as fast for these small models, far faster on a busy machine
     # (OpenMP threads spin), and part of reproducibility: reduction order depends on it.
-    torch_threads: int = option(1, ge=1)
+    torch_threads: int = option(1, ge=1, le=MAX_TORCH_THREADS)
     checkpoint_every: int = option(0, ge=0)  # save the whole run every N rounds (0: never)
     keep_checkpoints: int = option(2, ge=1)  # checkpoints of the newest rounds to keep
 
@@ -133,7 +140,7 @@ class RuntimeConfig(Validated):
 class ExperimentConfig(Validated):
     name: str = "experiment"
     seed: int = 0
-    rounds: int = option(10, ge=1)
+    rounds: int = option(10, ge=1, le=MAX_ROUNDS)  # the sampling schedule is drawn up front
     participation: float = option(1.0, gt=0, le=1)  # fraction of clients sampled each round
     eval_every: int = option(1, ge=1)
     algorithm: dict[str, Any] | str = field(default_factory=lambda: {"name": "fedmd"})
@@ -144,6 +151,9 @@ class ExperimentConfig(Validated):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # the default results folder is runs/<name>: one plain path component keeps it there
+        require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name) is not None, "name", self.name,
+                "expected one plain folder name (letters, digits, '.', '_', '+', '-'; no '/' or '..')")
         if isinstance(self.algorithm, str):  # "algorithm: fedmd" is short for {name: fedmd}
             self.algorithm = {"name": self.algorithm}
         if not isinstance(self.algorithm, dict) or "name" not in self.algorithm:
@@ -191,10 +201,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     else:
         where = "config text"
     if text is not None:
-        try:
-            tree.update(_mapping(yaml.safe_load(text), where))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        loaded = load_yaml(text, where)
+        if loaded is None:
+            raise ConfigError(f"{where}: the config is empty (write at least a name, or start from configs/default.yaml)")
+        tree.update(_mapping(loaded, where))
     tree = json.loads(json.dumps(tree))  # deep copy of plain data
     for item in overrides:
         key, value = parse_override(item)

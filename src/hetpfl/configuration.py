@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Iterable, Mapping, Union, get_args, get_origin
@@ -84,6 +85,47 @@ class Validated:
             check_rules(f.name, getattr(self, f.name), f.metadata.get("rules", {}))
 
 
+# --------------------------------------------------------------------------------------------
+# YAML as people write it: 1e-3 is a number, a key given twice is an error
+# --------------------------------------------------------------------------------------------
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.2 behaviours: floats without a dot (``1e-3``) are
+    numbers (YAML 1.1 reads them as strings), and a mapping that repeats a key is refused (YAML
+    1.1 lets the last one win, silently)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            mark = key_node.start_mark
+            raise ConfigError(f"key {key!r} is given twice (line {seen[key]} and line {mark.line + 1})")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse config YAML (see :class:`_ConfigLoader`); errors name ``where``."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"data.dirichlet_alpha=0.1"`` → ``("data.dirichlet_alpha", 0.1)`` (value parsed as YAML)."""
     if "=" not in text:
@@ -92,10 +134,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    value = load_yaml(raw, f"override {key}") if raw.strip() else ""
     return key, value
 
 

@@ -16,15 +16,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, runfolder
 from .config import ExperimentConfig, config_yaml, load_config
 from .configuration import ConfigError
 from .engine import HEATMAPS, VISUALS, CheckpointPolicy, latest_checkpoint
 from .numerics import portable_numerics_active
 from .prepare import Prepared, prepare, run_from_yaml
+from .runfolder import CHECKPOINTS
 from .runtimes import RUNTIMES, Launch
 
-CHECKPOINTS = "checkpoints"  # subfolder of a results folder
 
 
 def execute(prepared: Prepared, on_round: Callable[[dict[str, Any]], None] | None = None, *,
@@ -62,31 +62,48 @@ def run_experiment(
     on_prepared: Callable[[Prepared], None] | None = None,
     runner: Callable[..., dict[str, Any]] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare, run, and write ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and plots.
+    """Prepare, run, and write ``config.yaml``, ``metrics.jsonl``, ``summary.json``, plots and
+    ``status.json`` (:mod:`hetpfl.runfolder`: ``running``, then ``complete`` or ``failed``).
 
     ``runner(prepared, on_round=...)`` runs the rounds (default :func:`execute`); the Flower
     deployment ServerApp passes its own, so a deployment writes the very same folder.
     ``resume``: go on from the newest checkpoint in ``out_dir/checkpoints`` (the records of the
     rounds it holds are kept, later ones are written again), ending with the same records as an
-    uninterrupted run.
+    uninterrupted run. A folder holding another run is refused unless ``overwrite`` or ``resume``.
     """
-    from .plots import plot_run, save_heatmap, save_image_grid  # noqa: PLC0415
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    runfolder.check(out, overwrite=overwrite, resume=resume)
+    if resume and latest_checkpoint(out / CHECKPOINTS) is None:
+        raise ConfigError(f"cannot resume {out}: it holds no checkpoint (run with runtime.checkpoint_every > 0)")
     started = time.perf_counter()
-    prepared = prepare(config)
+    prepared = prepare(config)  # config errors found here leave no file behind
     if on_prepared is not None:
         on_prepared(prepared)
+    run_id = runfolder.start(out, overwrite=overwrite, resume=resume)
+    try:
+        summary = _run_into(out, prepared, run_id, started, on_round, runner, resume)
+    except BaseException as exc:
+        ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        runfolder.update(out, status=ended, error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    runfolder.update(out, status="complete")
+    return summary
+
+
+def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
+              on_round: Callable[[dict[str, Any]], None] | None, runner: Callable[..., dict[str, Any]] | None,
+              resume: bool) -> dict[str, Any]:
+    from .plots import plot_run, save_heatmap, save_image_grid  # noqa: PLC0415
+
+    config = prepared.config
     runtime = config.runtime
     checkpoint = (CheckpointPolicy(out / CHECKPOINTS, runtime.checkpoint_every, runtime.keep_checkpoints)
                   if runtime.checkpoint_every > 0 else None)
     start = None
     if resume:
         start = latest_checkpoint(out / CHECKPOINTS)
-        if start is None:
-            raise ConfigError(f"cannot resume {out}: it holds no checkpoint (run with runtime.checkpoint_every > 0)")
         next_round = int(json.loads((start / "run.json").read_text())["state"]["next_round"])
         for name in ("metrics.jsonl", "timings.jsonl"):
             _keep_rounds_before(out / name, next_round)
@@ -101,6 +118,7 @@ def run_experiment(
             timings.write(json.dumps({"round": row["round"], **row.get("timing", {})}) + "\n")
             metrics.flush()
             timings.flush()
+            runfolder.update(out, rounds_done=row["round"] + 1)
             if on_round is not None:
                 on_round(row)
 
@@ -113,6 +131,7 @@ def run_experiment(
     heatmaps = summary.pop(HEATMAPS, {})
     summary = {
         "name": config.name,
+        "run_id": run_id,
         **summary,
         "runtime": runtime_name,
         "executor": runtime.executor,

@@ -14,7 +14,9 @@ folder) to the Flower runtime (:mod:`hetpfl.runtimes.flower`), which sits below 
   ``config``         a YAML file (absolute, relative to the SuperLink's working directory, or
                      relative to the app, e.g. ``configs/default.yaml``) or inline YAML text
   ``set``            ``;``-separated ``key=value`` overrides, as ``hetpfl run --set``
-  ``out``            results folder on the SuperLink's machine (default ``runs/<name>``)
+  ``out``            results folder on the SuperLink's machine (default ``runs/<name>``); one
+                     that holds a run is refused unless ``overwrite`` is true
+  ``overwrite``      replace the run ``out`` holds (default false)
   ``node-timeout``   seconds to wait for the SuperNodes and their first answer
   ``stage-timeout``  seconds to wait for a stage's replies (0: no limit); late clients fail
 """
@@ -104,7 +106,8 @@ def deployment_main(grid: Grid, context: Context) -> None:
 
     log.info("hetpfl: %s (%s on %s, %d clients, %d rounds) -> %s", config.name, config.algorithm["name"],
                 config.data.dataset, config.data.num_clients, config.rounds, out.resolve())
-    summary = run_experiment(config, out, on_round=on_round, runner=runner)
+    overwrite = str(run_config.get("overwrite", False)).strip().lower() in ("true", "1", "yes")
+    summary = run_experiment(config, out, on_round=on_round, runner=runner, overwrite=overwrite)
     final = summary["final"].get("personalized_acc_mean")
     log.info("hetpfl: done in %.1f s, own-model accuracy %s; results in %s", summary["wall_time_s"],
                 "n/a" if final is None else f"{100 * final:.2f}%", out.resolve())

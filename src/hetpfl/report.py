@@ -11,21 +11,33 @@ from typing import Any, Iterable
 import numpy as np
 
 from .plots import plot_comparison
+from .runfolder import STATUS, problem
 
 
-def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run folders (those holding ``summary.json``) at or below each path, sorted."""
-    found: set[Path] = set()
+def find_runs(paths: Iterable[str | Path], skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Finished run folders at or below each path, sorted. A folder whose run did not complete, or
+    whose files are not the ones its run wrote (:func:`hetpfl.runfolder.problem`), is left out and
+    appended to ``skipped`` with the reason."""
+    candidates: set[Path] = set()
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"no such run folder: {path}")
-        if (path / "summary.json").exists():
-            found.add(path)
-        else:
-            found.update(p.parent for p in path.rglob("summary.json"))
+        for marker in ("summary.json", STATUS):
+            if (path / marker).exists():
+                candidates.add(path)
+            else:
+                candidates.update(p.parent for p in path.rglob(marker))
+    found = []
+    for run_dir in sorted(candidates):
+        reason = problem(run_dir)
+        if reason is None:
+            found.append(run_dir)
+        elif skipped is not None:
+            skipped.append((run_dir, reason))
     if not found:
-        raise FileNotFoundError(f"no run folders (with summary.json) under: {', '.join(map(str, paths))}")
-    return sorted(found)
+        raise FileNotFoundError(f"no finished run folders under: {', '.join(map(str, paths))}"
+                                + "".join(f"; {d}: {why}" for d, why in (skipped or [])[:5]))
+    return found
 
 
 def load_summary(run_dir: Path) -> dict[str, Any]:
@@ -128,9 +140,11 @@ def _mb(value: tuple[float, float]) -> str:
     return f"{value[0] / 1e6:.3f}"
 
 
-def report(paths: Iterable[str | Path], out_dir: str | Path | None = None, markdown: bool = False) -> str:
-    """Build the comparison table; write ``comparison.png`` and ``table.md``/``table.json`` to ``out_dir``."""
-    run_dirs = find_runs(paths)
+def report(paths: Iterable[str | Path], out_dir: str | Path | None = None, markdown: bool = False,
+           skipped: list[tuple[Path, str]] | None = None) -> str:
+    """Build the comparison table; write ``comparison.png`` and ``table.md``/``table.json`` to ``out_dir``.
+    Folders left out (unfinished, failed, altered) are appended to ``skipped`` with the reason."""
+    run_dirs = find_runs(paths, skipped)
     groups = group_runs(run_dirs)
     rows = summarize_groups(groups)
     table = format_table(rows, markdown=markdown)

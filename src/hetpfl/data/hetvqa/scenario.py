@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from hetpfl.configuration import FieldError
+from hetpfl.configuration import ConfigError, FieldError, load_yaml
 from hetpfl.rng import numpy_rng
 
 from .images import PRETRAIN_SUBSET
@@ -179,11 +178,13 @@ def read_scenario(path: str | Path, key: str = "scenario") -> Any:
     """The parsed YAML of a scenario file (unchecked); errors name ``key``."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as err:
         raise FieldError(key, str(path), f"cannot be read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise FieldError(key, str(path), f"is not valid YAML ({err})") from None
+    try:
+        return load_yaml(text, str(path))
+    except ConfigError as err:
+        raise FieldError(key, str(path), f"is not usable ({err})") from None
 
 
 def load_scenario(path: str | Path, models: Collection[str]) -> Scenario:

@@ -1,0 +1,160 @@
+"""Results folders that can be trusted (issue #13): one run per folder, an honest status, resume
+from the CLI, readable errors, and config values that would crash or ruin a run refused up front."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hetpfl.cli import main
+from hetpfl.configuration import ConfigError
+from hetpfl.experiment import load_config, run_experiment
+from hetpfl.report import find_runs
+from hetpfl.runfolder import ResultsFolderError, read_status
+
+TINY = ["data.num_clients=3", "rounds=3", "algorithm.pretrain_epochs=1", "algorithm.distill_epochs=1",
+        "client.local_epochs=1", "models.clients=[mlp]"]
+
+
+def tiny(*extra: str):
+    return load_config("configs/default.yaml", [*TINY, *extra])
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_in_round(n):
+    def on_round(row):
+        if row["round"] == n:
+            raise Crash(f"crashed in round {n}")
+    return on_round
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_complete_run_says_so_and_records_its_files_hashes(tmp_path):
+    summary = run_experiment(tiny(), tmp_path)
+    status = read_status(tmp_path)
+    assert status["status"] == "complete" and status["rounds_done"] == 3
+    assert status["run_id"] == summary["run_id"]
+    assert set(status["sha256"]) == {"config.yaml", "metrics.jsonl", "summary.json"}
+    assert find_runs([tmp_path]) == [tmp_path]
+
+
+def test_a_folder_holding_a_run_is_refused_and_left_intact(tmp_path):
+    run_experiment(tiny(), tmp_path)
+    before = files(tmp_path)
+    with pytest.raises(ResultsFolderError, match="already holds a run \\(complete\\); pass --overwrite"):
+        run_experiment(tiny("seed=7"), tmp_path)
+    assert files(tmp_path) == before
+
+
+def test_an_overwriting_run_that_fails_leaves_a_failed_folder_report_will_not_read(tmp_path):
+    run_experiment(tiny(), tmp_path)
+    with pytest.raises(Crash):
+        run_experiment(tiny("seed=7"), tmp_path, overwrite=True, on_round=crash_in_round(1))
+    status = read_status(tmp_path)
+    assert status["status"] == "failed" and status["rounds_done"] == 2
+    assert status["error"] == "Crash: crashed in round 1"
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "accuracy.png").exists()  # A's are gone
+    assert "seed: 7" in (tmp_path / "config.yaml").read_text()
+    skipped = []
+    with pytest.raises(FileNotFoundError, match="no finished run folders"):
+        find_runs([tmp_path], skipped)
+    assert skipped == [(tmp_path, "failed after 2 rounds: Crash: crashed in round 1")]
+
+
+def test_report_leaves_out_a_folder_whose_files_were_replaced(tmp_path):
+    good, altered = tmp_path / "good", tmp_path / "altered"
+    run_experiment(tiny(), good)
+    run_experiment(tiny(), altered)
+    with (altered / "metrics.jsonl").open("a") as fh:
+        fh.write("{}\n")
+    skipped = []
+    assert find_runs([tmp_path], skipped) == [good]
+    assert skipped == [(altered, "metrics.jsonl is not the file its run wrote (changed or replaced afterwards)")]
+
+
+def test_cli_resumes_a_crashed_run_to_the_uninterrupted_records(tmp_path, capsys):
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    run_experiment(tiny(), reference)
+    with pytest.raises(Crash):
+        run_experiment(tiny("runtime.checkpoint_every=1"), crashed, on_round=crash_in_round(2))
+    assert main(["run", "-o", str(crashed), "configs/default.yaml"]) == 2
+    assert "already holds a run (failed)" in capsys.readouterr().err
+    assert main(["run", "--resume", str(crashed)]) == 0
+    assert (crashed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    status = read_status(crashed)
+    assert status["status"] == "complete" and status["resumed"] == 1
+    assert main(["run", "--resume", str(crashed)]) == 2
+    assert "its run is complete" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(Crash):
+        run_experiment(tiny(), tmp_path, on_round=crash_in_round(0))
+    before = files(tmp_path)
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("make_target, message", [
+    (lambda root: root / "a-file", "is a file; choose another -o"),
+    (lambda root: root / "a-file" / "below", "is not a writable folder"),
+])
+def test_an_unusable_results_path_is_one_line(tmp_path, capsys, make_target, message):
+    (tmp_path / "a-file").write_text("x")
+    target = make_target(tmp_path)
+    assert main(["run", "configs/default.yaml", "-o", str(target), *sum((["--set", s] for s in TINY), [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_is_behind_debug(tmp_path, capsys, monkeypatch):
+    import hetpfl.experiment
+
+    def broken(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/mnist")
+
+    monkeypatch.setattr(hetpfl.experiment, "run_experiment", broken)
+    argv = ["run", "configs/default.yaml", "-o", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "hetpfl: PermissionError: [Errno 13] Permission denied: '/data/mnist' (hetpfl --debug ... shows the traceback)\n"
+    with pytest.raises(PermissionError):
+        main(["--debug", *argv])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rounds=2000000000", "rounds=2000000000: must be in [1, 100000]"),
+    ("runtime.torch_threads=100000", "runtime.torch_threads=100000: must be in [1, 256]"),
+    ("name=../../escape", "name='../../escape': expected one plain folder name"),
+    ("client.lr=.inf", "client.lr=inf: must be finite"),
+    ("client.max_grad_norm=0", "client.max_grad_norm=0.0: must be > 0"),
+])
+def test_values_that_would_hang_crash_or_escape_fail_before_any_file(tmp_path, capsys, override, message):
+    assert main(["run", "configs/default.yaml", "-o", str(tmp_path / "out"), "--set", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_reads_exponent_floats_and_refuses_repeated_keys_and_empty_files(tmp_path):
+    assert load_config(text="name: a\nclient: {lr: 1e-3}\n").client.lr == 0.001
+    assert load_config(text="name: a", overrides=["client.lr=5E-4"]).client.lr == 0.0005
+    with pytest.raises(ConfigError, match="key 'rounds' is given twice \\(line 1 and line 3\\)"):
+        load_config(text="rounds: 1\nseed: 0\nrounds: 2\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="the config is empty"):
+        load_config(empty)
+
+
+def test_summary_and_status_carry_one_run_id(tmp_path):
+    run_experiment(tiny(), tmp_path)
+    run_id = json.loads((tmp_path / "summary.json").read_text())["run_id"]
+    assert len(run_id) == 16 and read_status(tmp_path)["run_id"] == run_id
