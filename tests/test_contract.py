@@ -73,6 +73,8 @@ def test_same_seed_same_records_and_it_learns(name, reference, tmp_path):
     assert _metrics(tmp_path) == _metrics(reference(name))
     rows = [json.loads(line) for line in _metrics(tmp_path).splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    # failed stages are recorded, not raised (runtime.on_client_error): an honest run has none
+    assert all(not r["failures"] for r in rows), rows[-1]["failures"]
     if ALGORITHMS[name].task_kind == "vqa":
         # HetVQA's tiny run: untrained adapters answer none of the first task's questions (exact match
         # 0: the tiny backbone only names images); trained, they answer parity questions about as

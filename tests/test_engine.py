@@ -52,9 +52,6 @@ def test_state_stores_round_trip_and_snapshot(store_cls, tmp_path):
 class _StubTransport:
     """Replies to 'communicate' with NaN scores from client 1 and valid scores from the others."""
 
-    def __init__(self, remote):
-        self.remote = remote
-
     def exchange(self, stage, rnd, messages):
         from hetpfl.engine import Exchange
         from hetpfl.messages import Message
@@ -68,18 +65,18 @@ class _StubTransport:
         return Exchange(replies=replies)
 
 
-@pytest.mark.parametrize("remote", [True, False])
-def test_invalid_reply_is_a_failure_remotely_and_a_bug_in_process(remote):
+@pytest.mark.parametrize("policy", ["record", "raise"])
+def test_invalid_reply_is_recorded_or_raised_as_the_run_says(policy):
     from conftest import small_config
     from hetpfl.engine import Ledger, RoundComm
     from hetpfl.experiment import prepare
     from hetpfl.messages import Message, MessageError
 
-    run = prepare(small_config("fedmd", rounds=1)).run
+    run = prepare(small_config("fedmd", rounds=1, **{"runtime.on_client_error": policy})).run
     ledger = Ledger(run.num_clients)
-    comm = RoundComm(run, _StubTransport(remote), 0, ledger)
+    comm = RoundComm(run, _StubTransport(), 0, ledger)
     ask = {c: Message({"public_idx": np.arange(5, dtype=np.int64)}) for c in range(3)}
-    if not remote:
+    if policy == "raise":
         with pytest.raises(MessageError, match="client 1.*NaN"):
             comm.ask("communicate", ask)
         return

@@ -38,6 +38,7 @@ from .messages import COMPRESSIONS
 from .models import ARCHITECTURES, ModuleSpec
 from .models.lora import LoRAOptions
 from .runtimes import RUNTIMES
+from .engine import CLIENT_ERROR_POLICIES
 from .simulator import EXECUTORS
 
 # Upper bounds that catch typos before any work: beyond them a run hangs drawing its client-sampling
@@ -132,6 +133,19 @@ class RuntimeConfig(Validated):
     # CPU threads for torch. 1 is as fast for these small models, far faster on a busy machine
     # (OpenMP threads spin), and part of reproducibility: reduction order depends on it.
     torch_threads: int = option(1, ge=1, le=MAX_TORCH_THREADS)
+    # a client's failed stage: record it and go on (every runtime), or raise it (debugging)
+    on_client_error: str = option("record", choices=CLIENT_ERROR_POLICIES)
+    # simulator only, drawn from the seed per (round, stage, client); evaluation is never dropped
+    dropout: float = option(0.0, ge=0, lt=1)  # chance that a sampled client does not answer a stage
+    stragglers: float = option(0.0, ge=0, lt=1)  # chance that a client's reply misses the stage deadline
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("dropout", "stragglers"):
+            if getattr(self, key) > 0:
+                require(self.name == "simulator", key, getattr(self, key), "is simulated by runtime.name=simulator only")
+                require(self.on_client_error == "record", key, getattr(self, key),
+                        "needs runtime.on_client_error=record (a simulated failure is recorded, not raised)")
     checkpoint_every: int = option(0, ge=0)  # save the whole run every N rounds (0: never)
     keep_checkpoints: int = option(2, ge=1)  # checkpoints of the newest rounds to keep
 

@@ -36,6 +36,16 @@ from .state import load_tree, save_tree
 # ------------------------------------------------------------------------------------------
 
 
+#: What a client's failed stage (it raised, timed out, or replied wrongly) does to the run: ``record``
+#: it as that client's failure (left out of the stage's aggregate; the round goes on), in every
+#: runtime; ``raise`` it and stop (for debugging a method).
+CLIENT_ERROR_POLICIES = ("record", "raise")
+
+
+class ClientFailure(RuntimeError):
+    """A client's stage failed and the run's ``on_client_error`` is ``raise``."""
+
+
 @dataclass
 class RunSpec:
     """A resolved experiment: data, per-client architectures, the method and the schedule.
@@ -54,6 +64,9 @@ class RunSpec:
     participation: float = 1.0
     eval_every: int = 1
     compression: str = "none"
+    on_client_error: str = "record"  # one of CLIENT_ERROR_POLICIES
+    dropout: float = 0.0  # simulator: chance that a sampled client does not answer a stage
+    stragglers: float = 0.0  # simulator: chance that its reply misses the stage's deadline
     leaked_public_labels: np.ndarray | None = None
     stateless_clients: bool = False  # runtime.client_state=none: no client keeps its model to evaluate
 
@@ -142,6 +155,7 @@ class Exchange:
     replies: dict[int, Message]
     failures: dict[int, str] = field(default_factory=dict)
     client_seconds: float = 0.0
+    undelivered: set[int] = field(default_factory=set)  # failed clients whose message never reached them
 
 
 class ClientStates(Protocol):
@@ -152,11 +166,10 @@ class ClientStates(Protocol):
 
 
 class Transport(Protocol):
-    """``remote``: replies come from other processes or machines, so a reply that breaks its
-    schema is that client's failure (recorded, round goes on); in-process it is a bug (raised).
-    ``states``: the clients' states, if this runtime can checkpoint them (else None)."""
+    """Carries a stage's messages to the clients and their replies back; a client whose stage
+    failed is in :attr:`Exchange.failures` (what that means for the run is the run's
+    ``on_client_error``). ``states``: the clients' states, if this runtime can checkpoint them."""
 
-    remote: bool
     states: ClientStates | None
 
     def exchange(self, stage: str, rnd: int, messages: Mapping[int, Message]) -> Exchange: ...
@@ -179,26 +192,37 @@ class Ledger:
     def reset(self) -> None:
         self.__init__(self.num_clients)
 
+    def fail(self, client: int, error: str) -> None:
+        """Record a failed stage; a client failing several stages in a round keeps them all."""
+        earlier = self.failures.get(client)
+        self.failures[client] = error if earlier is None else f"{earlier}; {error}"
+
 
 class RoundComm:
     """The :class:`~hetpfl.algorithms.base.Comm` a server sees during one round."""
 
     def __init__(self, run: RunSpec, transport: Transport, rnd: int, ledger: Ledger) -> None:
         self.run, self.transport, self.rnd, self.ledger = run, transport, rnd, ledger
-        self.sizes = {"num_classes": run.data.num_classes, "num_public_total": len(run.data.public),
-                      "num_tasks": len(run.data.tasks)}
+        data = run.data
+        self.sizes = {"num_classes": data.num_classes, "num_public_total": len(data.public),
+                      "num_tasks": len(data.tasks),
+                      "num_examples_max": sum(map(len, data.client_train)) + sum(map(len, data.client_test))}
 
     def ask(self, stage: str, messages: Mapping[int, Message]) -> dict[int, Message]:
         schema = self.run.algorithm.schema(stage)
         outgoing: dict[int, Message] = {}
+        sizes: dict[int, dict[str, int]] = {}  # per client: the sizes its message down binds, its reply keeps
         for client in sorted(messages):
             if not 0 <= client < self.run.num_clients:
                 raise MessageError(f"stage '{stage}': no client {client} (clients are 0..{self.run.num_clients - 1})")
-            schema.down.validate(messages[client], where=f"stage '{stage}' down to client {client}", sizes=dict(self.sizes))
+            sizes[client] = dict(self.sizes)
+            schema.down.validate(messages[client], where=f"stage '{stage}' down to client {client}", sizes=sizes[client])
             outgoing[client] = compress(messages[client], self.run.compression)
-            self._count(stage, client, outgoing[client], down=True)
         started = time.perf_counter()
         result = self.transport.exchange(stage, self.rnd, outgoing)
+        for client in outgoing:
+            if client not in result.undelivered:  # a message that never reached its client cost nothing
+                self._count(stage, client, outgoing[client], down=True)
         self.ledger.stage_seconds[stage] = self.ledger.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
         if stage != EVALUATE_STAGE:  # evaluation is timed on its own
             self.ledger.transport_seconds += time.perf_counter() - started
@@ -210,15 +234,19 @@ class RoundComm:
             self._count(stage, client, result.replies[client], down=False)
             reply = decompress(result.replies[client])
             try:
-                schema.up.validate(reply, where=f"stage '{stage}' reply from client {client}", sizes=dict(self.sizes))
+                schema.up.validate(reply, where=f"stage '{stage}' reply from client {client}", sizes=sizes[client],
+                                   sent=messages[client])
             except MessageError as exc:
-                if not getattr(self.transport, "remote", False):
+                if self.run.on_client_error == "raise":
                     raise
-                self.ledger.failures[client] = f"{stage}: invalid reply: {exc}"
+                self.ledger.fail(client, f"{stage}: invalid reply: {exc}")
                 continue
             replies[client] = reply
-        for client, error in result.failures.items():
-            self.ledger.failures[client] = f"{stage}: {error}"
+        for client, error in sorted(result.failures.items()):
+            if self.run.on_client_error == "raise":
+                raise ClientFailure(f"round {self.rnd}, stage '{stage}', client {client}: {error} "
+                                    "(runtime.on_client_error=record records it and goes on)")
+            self.ledger.fail(client, f"{stage}: {error}")
         return replies
 
     def _count(self, stage: str, client: int, message: Message, down: bool) -> None:
@@ -473,6 +501,13 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
     heatmaps = server.heatmaps()
     last = state.last
     final = {k: v for k, v in last.items() if k.endswith(_FINAL_SUFFIXES) or k in _FINAL_KEYS}
+    sampled = {c for rnd in range(run.rounds) for c in schedule[rnd]}
+    coverage = {
+        # how many clients the final own-model figures average (failed or silent clients are left out)
+        "final_clients_evaluated": sum(a is not None for a in last.get("client_acc", [])),
+        # clients no round ever sampled: their "own model" is untrained, yet it is in the averages
+        "never_sampled": sorted(set(range(run.num_clients)) - sampled),
+    }
     return {
         "algorithm": run.algorithm.name,
         "dataset": run.data.name,
@@ -481,6 +516,7 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         "num_clients": run.num_clients,
         "final": final,
         "final_round": last.get("round"),
+        **coverage,
         "server": last.get("server", {}),
         "bytes_up_total": int(state.bytes_up.sum()),
         "bytes_down_total": int(state.bytes_down.sum()),

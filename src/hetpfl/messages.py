@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Iterable, Mapping, Union
 
 import numpy as np
 
@@ -133,6 +133,18 @@ class ArrayField:
     shape: tuple[Dim, ...] | None = None
     probabilities: bool = False
     finite: bool = True
+    low: float | None = None  # smallest value allowed
+    below: int | str | None = None  # values must be < this (a number or a named size, e.g. "num_classes")
+
+
+# Bounds of the scalars every method's replies share, wherever a schema declares them (a schema's
+# own ``scalar_bounds`` take precedence). "num_examples_max" is bound by the engine: all the
+# examples of the federation, train and test.
+SCALAR_BOUNDS: dict[str, tuple[float | str | None, float | str | None]] = {
+    "num_examples": (0, "num_examples_max"),
+    "accuracy": (0.0, 1.0),
+    "loss": (0.0, None),
+}
 
 
 @dataclass(frozen=True)
@@ -145,10 +157,18 @@ class Schema:
     prefix_arrays: Mapping[str, ArrayField] = field(default_factory=dict)
     optional: frozenset[str] = frozenset()
     max_bytes: int | None = None
+    scalar_bounds: Mapping[str, tuple[float | str | None, float | str | None]] = field(default_factory=dict)
+    returns_sent: bool = False  # a reply returns every prefix array sent down, in its shape (weight averaging)
 
-    def validate(self, message: Message, *, where: str, sizes: Mapping[str, int] | None = None) -> None:
-        """Raise :class:`MessageError` naming ``where``, the field and the rule broken."""
-        sizes = dict(sizes or {})
+    def validate(self, message: Message, *, where: str, sizes: dict[str, int] | None = None,
+                 sent: Message | None = None) -> None:
+        """Raise :class:`MessageError` naming ``where``, the field and the rule broken.
+
+        ``sizes`` binds named sizes; a name not in it is bound by its first use and written back,
+        so validating the message sent down and then its reply with one dict ties the reply's sizes
+        to what was asked. ``sent`` (for a reply: the message sent down) with ``returns_sent``: every
+        weight-like array (declared by prefix, any shape) sent down comes back, in its shape."""
+        sizes = {} if sizes is None else sizes
         if not isinstance(message, Message):
             raise MessageError(f"{where}: expected a Message, got {type(message).__name__}")
         for name in self.arrays:
@@ -181,8 +201,32 @@ class Schema:
                 )
             if isinstance(value, float) and not np.isfinite(value):
                 raise MessageError(f"{where}: scalar '{name}'={value!r} is not finite")
+            bounds = self.scalar_bounds.get(name) or SCALAR_BOUNDS.get(name, (None, None))
+            low, high = (_bound(b, sizes) for b in bounds)
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise MessageError(f"{where}: scalar '{name}'={value!r} is outside [{low}, {high}]")
+        if sent is not None and self.returns_sent:
+            _check_echo(message, sent, self.prefix_arrays, where)
         if self.max_bytes is not None and message.num_bytes > self.max_bytes:
             raise MessageError(f"{where}: message is {message.num_bytes} bytes, over the cap of {self.max_bytes}")
+
+
+def _bound(bound: float | str | None, sizes: Mapping[str, int]) -> float | None:
+    return sizes.get(bound) if isinstance(bound, str) else bound
+
+
+def _check_echo(reply: Message, sent: Message, prefixes: Iterable[str], where: str) -> None:
+    for prefix in prefixes:
+        down = {n: a for n, a in sent.arrays.items() if n.startswith(prefix)}
+        up = {n: a for n, a in reply.arrays.items() if n.startswith(prefix)}
+        missing = sorted(down.keys() - up.keys())
+        if missing:
+            raise MessageError(f"{where}: returns {len(down) - len(missing)} of the {len(down)} '{prefix}' arrays "
+                               f"sent down (missing '{missing[0]}'{' and more' if len(missing) > 1 else ''})")
+        for name in sorted(down):
+            if up[name].shape != down[name].shape:
+                raise MessageError(f"{where}: array '{name}' has shape {up[name].shape}, "
+                                   f"but {down[name].shape} was sent down")
 
 
 def _check_array(array: np.ndarray, spec: ArrayField, where: str, sizes: dict[str, int]) -> None:
@@ -207,6 +251,12 @@ def _check_array(array: np.ndarray, spec: ArrayField, where: str, sizes: dict[st
     if spec.finite and np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise MessageError(f"{where} holds {bad} NaN/Inf values")
+    if array.size and (spec.low is not None or spec.below is not None):
+        below = _bound(spec.below, sizes)
+        if spec.low is not None and array.min() < spec.low:
+            raise MessageError(f"{where} holds {array.min()}, below the smallest allowed value {spec.low}")
+        if below is not None and array.max() >= below:
+            raise MessageError(f"{where} holds {array.max()}, expected values below {below}")
     if spec.probabilities:
         if array.ndim < 1:
             raise MessageError(f"{where}: probabilities need at least one axis")

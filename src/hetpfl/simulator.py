@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+from .algorithms.base import EVALUATE_STAGE
 from .clienthost import ClientHost, StateStore, make_store
 from .engine import CheckpointPolicy, Exchange, RunSpec, run_rounds
 from .messages import Message
+from .rng import numpy_rng
 
 
 class Executor(Protocol):
@@ -47,8 +49,6 @@ EXECUTORS: dict[str, type] = {"sequential": SequentialExecutor}
 class InProcessTransport:
     """Delivers each stage's messages to the hosted clients and collects their replies."""
 
-    remote = False  # an invalid reply is a bug in this process: raise it
-
     def __init__(self, host: ClientHost, executor: Executor | None = None) -> None:
         self.host = host
         self.executor = executor or SequentialExecutor()
@@ -56,8 +56,39 @@ class InProcessTransport:
 
     def exchange(self, stage: str, rnd: int, messages: Mapping[int, Message]) -> Exchange:
         started = time.perf_counter()
-        replies = self.executor.run(self.host, stage, rnd, self.host.groups(list(messages)), messages)
-        return Exchange(replies={c: replies[c] for c in sorted(replies)}, client_seconds=time.perf_counter() - started)
+        groups = self.host.groups(list(messages))
+        if self.host.run.on_client_error == "raise":
+            replies = self.executor.run(self.host, stage, rnd, groups, messages)
+            return Exchange(replies={c: replies[c] for c in sorted(replies)}, client_seconds=time.perf_counter() - started)
+        # Record a raising client as a deployment would. A one-by-one executor runs each client
+        # alone, so one failure takes no other client with it; a batched group fails together.
+        if not self.executor.batched:
+            groups = [[c] for group in groups for c in group]
+        dropped, late = self._simulated_faults(stage, rnd, list(messages))
+        failures = {c: "did not answer (simulated: runtime.dropout)" for c in sorted(dropped)}
+        failures.update({c: "missed the stage's deadline (simulated: runtime.stragglers)" for c in sorted(late)})
+        replies = {}
+        for group in groups:
+            group = [c for c in group if c not in dropped]
+            if not group:
+                continue
+            try:
+                replies.update(self.executor.run(self.host, stage, rnd, [group], messages))
+            except Exception as exc:  # noqa: BLE001  (any error of a client's code is that client's failure)
+                failures.update({c: f"raised {type(exc).__name__}: {exc}" for c in group})
+        return Exchange(replies={c: replies[c] for c in sorted(replies) if c not in late}, failures=failures,
+                        client_seconds=time.perf_counter() - started, undelivered=dropped)
+
+    def _simulated_faults(self, stage: str, rnd: int, clients: list[int]) -> tuple[set[int], set[int]]:
+        """Which clients drop out (never get the message) and which straggle (work, but too late),
+        drawn from the seed per (round, stage, client); evaluation is the experimenter's, never dropped."""
+        run = self.host.run
+        if stage == EVALUATE_STAGE or (run.dropout == 0 and run.stragglers == 0):
+            return set(), set()
+        draws = {c: numpy_rng(run.seed, "faults", rnd, stage, c).random(2) for c in clients}
+        dropped = {c for c, (u, _) in draws.items() if u < run.dropout}
+        late = {c for c, (_, v) in draws.items() if c not in dropped and v < run.stragglers}
+        return dropped, late
 
 
 def simulate(

@@ -348,7 +348,7 @@ class AlgorithmSpec:
 # Reusable schema pieces -----------------------------------------------------------------------
 WEIGHTS = ArrayField(dtype="float32", shape=None)
 BUFFERS_INT = ArrayField(dtype="int64", shape=None)
-PROBS = ArrayField(dtype="float32", shape=("num_public", "num_classes"), probabilities=True)
+PROBS = ArrayField(dtype="float32", shape=("num_public_total", "num_classes"), probabilities=True)  # the whole public set
 
 
 def weight_fields() -> dict[str, ArrayField]:

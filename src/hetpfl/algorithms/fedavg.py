@@ -17,6 +17,8 @@ The server and client here are the base of the methods that change one step of t
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,10 +83,13 @@ class FedAvgClient(Client):
         train_locally(ctx)
 
 
+# The global weights down, the client's weights up: every array sent down comes back, in its shape.
 WEIGHTS_ROUND = StageSchema(
     down=Schema(prefix_arrays=weight_fields()),
-    up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int}),
+    up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int}, returns_sent=True),
 )
+# The same for methods whose clients upload only the shared part of what they receive.
+SHARED_WEIGHTS_ROUND = StageSchema(down=WEIGHTS_ROUND.down, up=dataclasses.replace(WEIGHTS_ROUND.up, returns_sent=False))
 
 SPEC = AlgorithmSpec(
     name="fedavg",

@@ -45,7 +45,7 @@ from .base import (
     evaluation_reply,
     train_locally,
 )
-from .fedavg import WEIGHTS_ROUND, FedAvgServer
+from .fedavg import SHARED_WEIGHTS_ROUND, FedAvgServer
 from .parts import body_only, body_parameters, head_parameters, is_body
 from .weights import load_shared, shared_arrays
 
@@ -94,7 +94,7 @@ SPEC = AlgorithmSpec(
     config_cls=FedBABUConfig,
     server_cls=FedBABUServer,
     client_cls=FedBABUClient,
-    schemas={"train": WEIGHTS_ROUND, "evaluate": EVALUATE_WITH_WEIGHTS},
+    schemas={"train": SHARED_WEIGHTS_ROUND, "evaluate": EVALUATE_WITH_WEIGHTS},
     summary="Body-only federation with a frozen random head; per-client fine-tuning for evaluation.",
     homogeneous_only=True,
     stateful_clients=False,

@@ -87,7 +87,7 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-PUBLIC_IDX = ArrayField(dtype="int64", shape=("num_public",))
+PUBLIC_IDX = ArrayField(dtype="int64", shape=("num_public",), low=0, below="num_public_total")
 SCORES = ArrayField(dtype="float32", shape=("num_public", "num_classes"))
 
 SPEC = AlgorithmSpec(

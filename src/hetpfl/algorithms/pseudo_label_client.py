@@ -37,7 +37,7 @@ from .base import PROBS, Client, ClientContext, train_locally
 
 CLIENT_WEIGHTINGS = ("pseudo_label", "none", "public_labels")
 
-LABELS = ArrayField(dtype="int64", shape=("num_public",))
+LABELS = ArrayField(dtype="int64", shape=("num_public_total",), low=0, below="num_classes")  # class ids, whole public set
 
 
 @dataclass

@@ -44,7 +44,10 @@ VQA_EVALUATE = StageSchema(
               arrays=dict(EVALUATE_SCHEMA.up.arrays),
               # undefined ones are left out: Others before any other client met a task of its own,
               # forgetting before a task switch, fast adaptation before the last round
-              optional=EVALUATE_SCHEMA.up.optional | {"others", "forgetting", *ADAPTATION_SCALARS}),
+              optional=EVALUATE_SCHEMA.up.optional | {"others", "forgetting", *ADAPTATION_SCALARS},
+              # scores are shares of examples; forgetting is a drop between two of them
+              scalar_bounds={**{name: (0.0, 1.0) for name in ("others", "token_f1", *ADAPTATION_SCALARS)},
+                             "forgetting": (-1.0, 1.0)}),
 )
 #: Adapters down (the server's) and up (the client's), with the client's example count.
 ADAPTERS_ROUND = StageSchema(

@@ -67,6 +67,9 @@ HELLO = "hello"  # the first query: every SuperNode tells which client (partitio
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"  # node_config keys (Flower's)
 DATA_DIR, STATE_DIR, TORCH_THREADS = "data-dir", "state-dir", "torch-threads"  # our node_config keys
 SIMULATION = "simulation"  # meta flag: one process serves every client
+# Flower's error codes for a message that never reached its node (MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE):
+# its bytes are not counted as sent
+UNDELIVERED_CODES = (3, 5)
 RUN_KEY = "run-key"  # meta: names the folder where nodes keep this run's client states
 
 # Flower must neither phone home nor look for updates; Ray must not send usage statistics.
@@ -186,7 +189,6 @@ class FlowerTransport:
     reported in :attr:`Exchange.failures` and left out of the replies; the round goes on.
     """
 
-    remote = True  # a reply that breaks its schema is that client's failure, not the run's
     states: DiskStore | None
 
     def __init__(
@@ -225,9 +227,11 @@ class FlowerTransport:
         clients: list[int] = []
         outgoing = []
         failures: dict[int, str] = {}
+        undelivered: set[int] = set()
         for client in sorted(messages):
             if client not in self.node_for_client:
                 failures[client] = "no SuperNode hosts this client"
+                undelivered.add(client)
                 continue
             clients.append(client)
             outgoing.append(self._flower_message(stage, rnd, client, messages[client]))
@@ -241,8 +245,11 @@ class FlowerTransport:
             reply = answers[i]
             if reply is None:
                 failures[client] = "the message could not be sent (SuperLink refused it)"
+                undelivered.add(client)
             elif reply.has_error():
                 failures[client] = f"{reply.error.reason} (Flower error code {reply.error.code})"
+                if reply.error.code in UNDELIVERED_CODES:
+                    undelivered.add(client)
             else:
                 try:
                     replies[client] = recorddict_to_message(reply.content)
@@ -253,7 +260,7 @@ class FlowerTransport:
                     seconds += float(reply.content[META].get("seconds", 0.0))
         for client, reason in sorted(failures.items()):
             log.warning("round %d stage %s: client %d failed: %s", rnd, stage, client, reason)
-        return Exchange(replies=replies, failures=failures, client_seconds=seconds)
+        return Exchange(replies=replies, failures=failures, client_seconds=seconds, undelivered=undelivered)
 
 
 def wait_for_nodes(grid: "Grid", expected: int, timeout: float, poll: float = 0.5) -> list[int]:
