@@ -249,9 +249,10 @@ def test_waiting_for_nodes_times_out_with_a_clear_error():
         wait_for_nodes(grid, 3, timeout=0.2, poll=0.05)
 
 
-def test_run_config_reads_a_path_inline_yaml_and_overrides(tmp_path):
+def test_run_config_reads_a_path_inline_yaml_and_overrides(tmp_path, monkeypatch):
     path = tmp_path / "x.yaml"
     path.write_text("name: from-file\nrounds: 3\nalgorithm: fedmd\n")
+    monkeypatch.setenv("HETPFL_CONFIG_DIRS", str(tmp_path))
     assert load_run_config({"config": str(path)}).rounds == 3
     config = load_run_config({"config": "{name: inline, rounds: 4, data: {num_clients: 3}}", "set": "seed=9; rounds=5"})
     assert (config.name, config.rounds, config.seed, config.data.num_clients) == ("inline", 5, 9, 3)
@@ -260,6 +261,36 @@ def test_run_config_reads_a_path_inline_yaml_and_overrides(tmp_path):
 
     with pytest.raises(ConfigError, match="not found"):
         load_run_config({"config": "nowhere/x.yaml"})
+
+
+def test_run_config_reads_and_writes_only_where_the_superlinks_owner_allows(tmp_path, monkeypatch):
+    """reliability-probe.md 5.6, 5.9, 5.10: a submitter cannot read YAML from anywhere (nor see it
+    echoed in an error), write results anywhere, or point the SuperLink at another data folder."""
+    from hetpfl.configuration import ConfigError
+    from hetpfl.flower_app import results_folder
+
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("rounds: s3cr3t-token\n")
+    monkeypatch.delenv("HETPFL_CONFIG_DIRS", raising=False)
+    with pytest.raises(ConfigError, match="is outside the app and HETPFL_CONFIG_DIRS") as refused:
+        load_run_config({"config": str(secret)})
+    assert "s3cr3t" not in str(refused.value)
+    with pytest.raises(ConfigError, match="is outside the app"):
+        load_run_config({"config": "../../../../" + str(secret)})
+    for run_config in ({"config": "configs/default.yaml", "set": "data.data_dir=/etc"},
+                       {"config": "{name: x, data: {data_dir: /etc}}"}):
+        with pytest.raises(ConfigError, match="data.data_dir is the SuperLink's own"):
+            load_run_config(run_config)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HETPFL_RESULTS_ROOT", raising=False)
+    config = load_run_config({"config": "{name: fine, rounds: 1}"})
+    assert results_folder({}, config) == tmp_path / "runs" / "fine"
+    with pytest.raises(ConfigError, match="is outside the results root"):
+        results_folder({"out": "/etc/hetpfl"}, config)
+    with pytest.raises(ConfigError, match="is outside the results root"):
+        results_folder({"out": "runs/../elsewhere"}, config)
+    monkeypatch.setenv("HETPFL_RESULTS_ROOT", str(tmp_path))
+    assert results_folder({"out": str(tmp_path / "a" / "b")}, config) == tmp_path / "a" / "b"
 
 
 # ------------------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ def test_superlink_three_supernodes_and_flwr_run(tmp_path):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # start each ClientApp 0.1 s after its message, not 1 s
+        "HETPFL_RESULTS_ROOT": str(tmp_path),  # the SuperLink's owner lets runs write under the scratch folder
     }
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'

@@ -130,3 +130,42 @@ def test_zero_dimensional_arrays_keep_their_shape(tmp_path):
     back = load_tree(tmp_path / "s.npz")
     assert back["w"]["b.num_batches_tracked"].shape == () and back["w"]["b.num_batches_tracked"] == 3
     assert back["w"]["w.x"].shape == (2, 1)
+
+
+def test_client_state_on_disk_is_private_to_its_user(tmp_path):
+    import os
+    import stat
+
+    from hetpfl.clienthost import DiskStore
+    from hetpfl.messages import Message
+
+    store = DiskStore(tmp_path / "states")
+    store.put(0, Message({"model/w": np.arange(3, dtype=np.float32)}))
+    store.snapshot(tmp_path / "snap")
+
+    def mode(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    assert mode(tmp_path / "states") == 0o700
+    assert [mode(p) for p in (tmp_path / "states").iterdir()] == [0o600]
+    assert [mode(p) for p in (tmp_path / "snap").iterdir()] == [0o600]
+
+
+def test_a_state_folder_open_to_others_is_closed_and_one_of_another_user_refused(tmp_path):
+    import os
+    import stat
+
+    from hetpfl.state import StateError, private_folder
+
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o777)
+    opened.chmod(0o777)
+    private_folder(opened)
+    assert stat.S_IMODE(os.stat(opened).st_mode) == 0o700
+    if os.getuid() != 0:
+        pytest.skip("making a folder of another user needs root")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    with pytest.raises(StateError, match="belongs to another user \\(uid 65534\\)"):
+        private_folder(foreign)

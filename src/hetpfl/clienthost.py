@@ -27,7 +27,7 @@ from .algorithms.base import Client, ClientContext
 from .messages import Message, compress, decompress
 from .models import ModuleSpec
 from .rng import derive_seed
-from .state import ClientState, load_record, save_record
+from .state import ClientState, load_record, private_folder, save_record
 
 STATE_PREFIX = "state/"
 
@@ -74,8 +74,7 @@ class DiskStore:
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self._tmp = None if directory is not None else tempfile.TemporaryDirectory(prefix="hetpfl-states-")
-        self.directory = Path(directory if directory is not None else self._tmp.name)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = private_folder(directory if directory is not None else self._tmp.name)
 
     def get(self, client: int) -> Message | None:
         path = _record_file(self.directory, client)
@@ -87,13 +86,13 @@ class DiskStore:
     def snapshot(self, directory: Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         for client in _saved_clients(self.directory):
-            shutil.copyfile(_record_file(self.directory, client), _record_file(directory, client))
+            shutil.copy(_record_file(self.directory, client), _record_file(directory, client))  # keeps 0600
 
     def restore(self, directory: Path) -> None:
         for client in _saved_clients(self.directory):
             _record_file(self.directory, client).unlink()
         for client in _saved_clients(directory):
-            shutil.copyfile(_record_file(directory, client), _record_file(self.directory, client))
+            shutil.copy(_record_file(directory, client), _record_file(self.directory, client))  # keeps 0600
 
 
 class NullStore:

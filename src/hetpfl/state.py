@@ -125,15 +125,31 @@ def record_to_tree(record: Message, build: ModuleBuilder | None = None) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
+def private_folder(path: str | os.PathLike) -> Path:
+    """Create ``path`` readable by this user only (0700), or check an existing one: a folder of
+    another user is refused (someone else could plant or read files there), one of ours that is
+    open to others is closed."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if hasattr(os, "getuid"):
+        info = path.stat()
+        if info.st_uid != os.getuid():
+            raise StateError(f"{path} belongs to another user (uid {info.st_uid}): a client's private state "
+                             "is never kept there; choose another folder")
+        if info.st_mode & 0o077:
+            path.chmod(0o700)
+    return path
+
+
 def save_record(path: str | os.PathLike, record: Message) -> None:
-    """Write ``record`` to ``path`` (``.npz``) atomically."""
+    """Write ``record`` to ``path`` (``.npz``, readable by this user only) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if _SCALARS in record.arrays:
         raise StateError(f"array name '{_SCALARS}' is reserved")
     scalars = np.frombuffer(json.dumps(record.scalars, allow_nan=True).encode(), dtype=np.uint8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
         np.savez(fh, **record.arrays, **{_SCALARS: scalars})
     tmp.replace(path)
 

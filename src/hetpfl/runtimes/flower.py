@@ -53,6 +53,7 @@ from ..clienthost import ClientHost, DiskStore
 from ..data import ArrayDataset
 from ..engine import CheckpointPolicy, Exchange, RunSpec, run_rounds
 from ..messages import Message
+from ..state import private_folder
 from . import Launch, RunBuilder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -430,8 +431,9 @@ def _client_side(experiment: str, context: "Context", meta: Mapping[str, Any], b
     # (named by the server's run key) so that runs never share personal models.
     simulated = bool(meta.get(SIMULATION))
     base = (node_config.get(STATE_DIR) or (meta.get(STATE_DIR) if simulated else None)
-            or Path(tempfile.gettempdir()) / "hetpfl-flower")
-    state_dir = Path(str(base)) / f"run-{meta.get(RUN_KEY) or context.run_id}"
+            or Path(tempfile.gettempdir()) / f"hetpfl-flower-{_user()}")
+    private_folder(base)  # 0700 and ours: nobody else reads a client's data or plants a file here
+    state_dir = private_folder(Path(str(base)) / f"run-{meta.get(RUN_KEY) or context.run_id}")
     partition = None if simulated else _partition_id(context)
     key = hashlib.sha256(f"{experiment}\0{data_dir}\0{state_dir}\0{partition}".encode()).hexdigest()
     side = _CLIENT_SIDES.get(key)
@@ -446,6 +448,10 @@ def _client_side(experiment: str, context: "Context", meta: Mapping[str, Any], b
             _CLIENT_SIDES.clear()
         _CLIENT_SIDES[key] = side
     return side
+
+
+def _user() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
 
 
 def _own_partition(experiment: str, data_dir: Any, partition: int, cache: Path, build_run: RunBuilder) -> RunSpec:
@@ -468,7 +474,8 @@ def _own_partition(experiment: str, data_dir: Any, partition: int, cache: Path, 
     run = dataclasses.replace(run, data=data)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
+    # pickle, in a folder only this user can write (private_folder): no one else can plant a file
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
         pickle.dump(run, fh, protocol=pickle.HIGHEST_PROTOCOL)
     tmp.replace(cache)
     return run
