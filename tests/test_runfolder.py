@@ -94,13 +94,23 @@ def test_cli_resumes_a_crashed_run_to_the_uninterrupted_records(tmp_path, capsys
     assert "its run is complete" in capsys.readouterr().err
 
 
-def test_resume_without_a_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+def test_resume_of_a_run_without_checkpoints_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(Crash):
         run_experiment(tiny(), tmp_path, on_round=crash_in_round(0))
     before = files(tmp_path)
     assert main(["run", "--resume", str(tmp_path)]) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert "keeps no checkpoints (run with runtime.checkpoint_every > 0)" in capsys.readouterr().err
     assert files(tmp_path) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_round_0(tmp_path):
+    reference = tmp_path / "reference"
+    run_experiment(tiny(), reference)
+    with pytest.raises(Crash):  # round 0's record is written, its checkpoint is not
+        run_experiment(tiny("runtime.checkpoint_every=1"), tmp_path / "killed", on_round=crash_in_round(0))
+    assert not list((tmp_path / "killed").glob("checkpoints/round-*"))
+    run_experiment(tiny("runtime.checkpoint_every=1"), tmp_path / "killed", resume=True)
+    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("make_target, message", [
@@ -158,3 +168,40 @@ def test_summary_and_status_carry_one_run_id(tmp_path):
     run_experiment(tiny(), tmp_path)
     run_id = json.loads((tmp_path / "summary.json").read_text())["run_id"]
     assert len(run_id) == 16 and read_status(tmp_path)["run_id"] == run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedavg", "fedmd", "cosmos"])
+def test_kill_9_at_a_random_round_then_resume_gives_the_uninterrupted_records(method, tmp_path):
+    """The issue's test: a real ``kill -9`` of ``hetpfl run`` (no chance to write a status or
+    close a file) at a round drawn at random, then ``hetpfl run --resume``."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = ["rounds=6", "runtime.checkpoint_every=1", "client.local_epochs=3"]
+    config = f"tests/configs/alg/{method}.yaml"
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_experiment(load_config(config, overrides), reference)
+    kill_after = random.Random().randint(1, 3)  # rounds done when the kill is sent; printed on failure
+    command = [sys.executable, "-m", "hetpfl.cli", "run", config, "-o", str(killed)]
+    process = subprocess.Popen([*command, *sum((["--set", o] for o in overrides), [])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while (read_status(killed) or {}).get("rounds_done", 0) < kill_after:
+        assert process.poll() is None and time.monotonic() < deadline, f"the run ended before round {kill_after}"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    status = read_status(killed)
+    assert status["status"] == "running" and status["rounds_done"] < 6, (kill_after, status)  # it says so
+    with pytest.raises(FileNotFoundError):
+        find_runs([killed])  # report will not read it
+    resumed = subprocess.run([sys.executable, "-m", "hetpfl.cli", "run", "--resume", str(killed)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text(), kill_after
+    assert read_status(killed)["status"] == "complete"

@@ -75,15 +75,17 @@ def run_experiment(
     """
     out = Path(out_dir)
     runfolder.check(out, overwrite=overwrite, resume=resume)
-    if resume and latest_checkpoint(out / CHECKPOINTS) is None:
-        raise ConfigError(f"cannot resume {out}: it holds no checkpoint (run with runtime.checkpoint_every > 0)")
+    if resume and config.runtime.checkpoint_every == 0:
+        raise ConfigError(f"cannot resume {out}: its run keeps no checkpoints (run with runtime.checkpoint_every > 0)")
+    # killed before its first checkpoint: the run starts again from round 0, in its own folder
+    from_checkpoint = resume and latest_checkpoint(out / CHECKPOINTS) is not None
     started = time.perf_counter()
     prepared = prepare(config)  # config errors found here leave no file behind
     if on_prepared is not None:
         on_prepared(prepared)
     run_id = runfolder.start(out, overwrite=overwrite, resume=resume)
     try:
-        summary = _run_into(out, prepared, run_id, started, on_round, runner, resume)
+        summary = _run_into(out, prepared, run_id, started, on_round, runner, from_checkpoint)
     except BaseException as exc:
         ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         runfolder.update(out, status=ended, error=f"{type(exc).__name__}: {exc}"[:2000])

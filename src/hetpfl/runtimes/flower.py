@@ -556,13 +556,18 @@ def _named(handler: Callable[..., Any], stage: str) -> Callable[..., Any]:
 # Simulation
 # ------------------------------------------------------------------------------------------
 
+# A simulated SuperNode is a Ray worker of this machine: it is never lost, only slow (its first
+# answer prepares the whole federation; on a loaded 2-core machine that took over 120 s), so the
+# simulation waits longer than a deployment's default before calling a node missing.
+SIMULATION_NODE_TIMEOUT = 600.0
+
 
 def simulate_on_flower(
     launch: Launch | Sequence[Launch],
     *,
     client_app: Any = None,
     num_cpus: int | None = None,
-    node_timeout: float = 120.0,
+    node_timeout: float = SIMULATION_NODE_TIMEOUT,
     stage_timeout: float | None = None,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Run ``launch`` on Flower's simulation engine (one SuperNode per client); return the summary.
