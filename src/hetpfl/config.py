@@ -38,6 +38,7 @@ from .messages import COMPRESSIONS
 from .models import ARCHITECTURES, ModuleSpec
 from .models.lora import LoRAOptions
 from .runtimes import RUNTIMES
+from .algorithms.robust import ROW_RULES, WEIGHT_RULES, AggregationOptions
 from .engine import CLIENT_ERROR_POLICIES
 from .simulator import EXECUTORS
 
@@ -162,6 +163,7 @@ class ExperimentConfig(Validated):
     models: ModelsConfig = field(default_factory=ModelsConfig)
     client: ClientTraining = field(default_factory=ClientTraining)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    aggregation: AggregationOptions = field(default_factory=AggregationOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,6 +177,11 @@ class ExperimentConfig(Validated):
                               f"(available: {', '.join(sorted(ALGORITHMS))})")
         spec = _algorithm_spec(self.algorithm["name"])
         self.algorithm = {"name": spec.name, **to_plain(self.algorithm_config())}
+        rule, kind = self.aggregation.rule, spec.server_cls.aggregates
+        allowed = {"weights": WEIGHT_RULES, "rows": ROW_RULES}.get(kind, ("mean",))
+        require(rule in allowed, "aggregation.rule", rule,
+                f"{spec.name} " + (f"combines {kind}: expected one of {', '.join(allowed)}" if kind else
+                                   "uses no experiment-level aggregation rule (only 'mean'; see its own options)"))
 
     def algorithm_config(self) -> Any:
         """The method's own config dataclass, built (and checked) from the ``algorithm`` section."""

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 import torch
 
+from .algorithms.robust import AggregationOptions
 from .algorithms.base import EVALUATE_SCHEMA, EVALUATE_STAGE, AlgorithmSpec, ClientTraining, Server, ServerSetup
 from .data import FederatedData
 from .learn import evaluate
@@ -67,6 +68,7 @@ class RunSpec:
     on_client_error: str = "record"  # one of CLIENT_ERROR_POLICIES
     dropout: float = 0.0  # simulator: chance that a sampled client does not answer a stage
     stragglers: float = 0.0  # simulator: chance that its reply misses the stage's deadline
+    aggregation: AggregationOptions = field(default_factory=AggregationOptions)
     leaked_public_labels: np.ndarray | None = None
     stateless_clients: bool = False  # runtime.client_state=none: no client keeps its model to evaluate
 
@@ -100,6 +102,7 @@ class RunSpec:
             value_range=self.data.value_range,
             input_kind=self.data.input_kind,
             examples=getattr(self.data, "server_examples", None),
+            aggregation=self.aggregation,
         )
 
     def make_server(self) -> Server:

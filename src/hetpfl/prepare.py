@@ -95,7 +95,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
         client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
         eval_every=config.eval_every, compression=config.runtime.compression, leaked_public_labels=leaked,
         on_client_error=config.runtime.on_client_error,
-        dropout=config.runtime.dropout, stragglers=config.runtime.stragglers,
+        dropout=config.runtime.dropout, stragglers=config.runtime.stragglers, aggregation=config.aggregation,
         stateless_clients=stateless,
     )
     _check_run(spec, algorithm_config, run)
@@ -168,7 +168,7 @@ def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
                   client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
                   eval_every=config.eval_every, compression=config.runtime.compression,
                   on_client_error=config.runtime.on_client_error,
-        dropout=config.runtime.dropout, stragglers=config.runtime.stragglers,
+        dropout=config.runtime.dropout, stragglers=config.runtime.stragglers, aggregation=config.aggregation,
                   stateless_clients=config.runtime.client_state == "none")
     if run.stateless_clients:
         raise ConfigError("runtime.client_state='none': HetVQA clients keep their replay memory and adapters between "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .robust import AggregationOptions
 from ..configuration import option
 from ..data import ArrayDataset
 from ..learn import AUGMENTATIONS, OptimOptions, evaluate
@@ -158,6 +159,8 @@ class ServerSetup:
     # data whose samples are references (HetVQA): ``examples(n) -> (pool, example sets)``, examples
     # the server may use (a generic mix, never a client's); None for array datasets
     examples: Callable[[int], Any] | None = None
+    # the experiment's aggregation rule (``robust``), for servers that declare ``aggregates``
+    aggregation: AggregationOptions = field(default_factory=AggregationOptions)
 
     def rng(self, *keys: str | int) -> np.random.Generator:
         return numpy_rng(self.seed, "server", *keys)
@@ -184,7 +187,13 @@ class Server:
     :meth:`state_dict` saves all of them except ``config`` and ``setup``: arrays, numbers,
     strings, registry-built modules, and dicts/lists of those (see :mod:`hetpfl.state`). A module
     is rebuilt on load from the architecture it recorded when built, so it is declared once.
+
+    ``aggregates``: what the server combines with the experiment's ``aggregation`` rule
+    (``"weights"``: whole models, any of ``robust.WEIGHT_RULES``; ``"rows"``: equal arrays such as
+    score rows, ``robust.ROW_RULES``); None: it uses no such rule (only ``mean`` is accepted).
     """
+
+    aggregates: str | None = None
 
     def __init__(self, config: Any, setup: ServerSetup) -> None:
         self.config = config

@@ -27,7 +27,7 @@ from torch import nn
 from ..learn import arrays_to_state
 from ..messages import Message, Schema, StageSchema
 from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally, weight_fields
-from .weights import KeyFilter, load_shared, shared_arrays, weighted_average
+from .weights import KeyFilter, aggregate_weights, load_shared, shared_arrays
 
 
 @dataclass
@@ -41,6 +41,7 @@ def share_everything(model: nn.Module) -> KeyFilter | None:
 
 
 class FedAvgServer(Server):
+    aggregates = "weights"  # the experiment's aggregation rule applies (robust.WEIGHT_RULES)
     # which of a model's tensors travel (a filter on state-dict names; None: all); must match the client's
     shared: Callable[[nn.Module], KeyFilter | None] = staticmethod(share_everything)
 
@@ -57,10 +58,11 @@ class FedAvgServer(Server):
         return {}
 
     def aggregate(self, replies: dict[int, Message]) -> None:
-        """w ← Σ n_k w_k / Σ n_k over the shared tensors."""
+        """w ← Σ n_k w_k / Σ n_k over the shared tensors (or the experiment's robust rule)."""
         states = [dict(r.arrays) for r in replies.values()]
         sizes = [float(r.scalars["num_examples"]) for r in replies.values()]
-        arrays_to_state(self.global_model, weighted_average(states, sizes), strict=self.shared(self.global_model) is None)
+        combined = aggregate_weights(states, sizes, self.setup.aggregation)
+        arrays_to_state(self.global_model, combined, strict=self.shared(self.global_model) is None)
 
     def extra_models(self) -> dict[str, dict[int, nn.Module]]:
         return {"global": {c: self.global_model for c in range(self.setup.num_clients)}}

@@ -22,6 +22,7 @@ import numpy as np
 from ..configuration import Validated, option
 from ..learn import DISTILL_LOSSES, distill, predict_logits
 from ..messages import ArrayField, Message, Schema, StageSchema
+from .robust import combine_rows
 from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, train_locally
 
 
@@ -38,12 +39,18 @@ class FedMDConfig(Validated):
 
 
 class FedMDServer(Server):
+    aggregates = "rows"  # the consensus: the experiment's aggregation rule over score rows
+
     def round(self, rnd: int, clients: list[int], comm: Comm) -> dict[str, float]:
         subset = self._public_subset(rnd)
         predictions = comm.ask("communicate", {c: Message({"public_idx": subset}) for c in clients})
         if not predictions:
             return {}
-        consensus = np.mean([m.arrays["scores"] for m in predictions.values()], axis=0).astype(np.float32)
+        scores = [m.arrays["scores"] for m in predictions.values()]
+        if self.setup.aggregation.rule == "mean":
+            consensus = np.mean(scores, axis=0).astype(np.float32)
+        else:
+            consensus = combine_rows(scores, self.setup.aggregation)
         comm.ask("digest_revisit", {c: Message({"public_idx": subset, "consensus": consensus}) for c in predictions})
         return {"public_used": float(len(subset))}
 

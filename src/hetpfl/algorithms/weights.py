@@ -17,6 +17,7 @@ import numpy as np
 from torch import nn
 
 from ..learn import arrays_to_state, state_to_arrays
+from .robust import AggregationOptions, combine
 
 KeyFilter = Callable[[str], bool]
 
@@ -30,6 +31,27 @@ def weighted_average(states: Sequence[dict[str, np.ndarray]], weights: Sequence[
         if key.startswith("w."):
             out[key] = (sum(w * s[key].astype(np.float64) for s, w in zip(states, weights)) / total).astype(np.float32)
         else:
+            out[key] = np.max(np.stack([s[key] for s in states]), axis=0)
+    return out
+
+
+def aggregate_weights(states: Sequence[dict[str, np.ndarray]], weights: Sequence[float],
+                      options: AggregationOptions) -> dict[str, np.ndarray]:
+    """The clients' states combined by the experiment's rule: :func:`weighted_average` for
+    ``mean``; otherwise the float arrays, flattened into one vector per client, by
+    :func:`robust.combine` (integer buffers take the maximum, as in the mean)."""
+    if options.rule == "mean":
+        return weighted_average(states, weights)
+    names = sorted(k for k in states[0] if k.startswith("w."))
+    stack = np.stack([np.concatenate([s[k].reshape(-1).astype(np.float64) for k in names]) for s in states])
+    flat = combine(stack, np.asarray(weights, dtype=np.float64), options)
+    out, start = {}, 0
+    for key in names:
+        size = states[0][key].size
+        out[key] = flat[start: start + size].reshape(states[0][key].shape).astype(np.float32)
+        start += size
+    for key in states[0]:
+        if not key.startswith("w."):
             out[key] = np.max(np.stack([s[key] for s in states]), axis=0)
     return out
 

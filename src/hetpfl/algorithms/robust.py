@@ -1,0 +1,96 @@
+"""Robust aggregation: rules a server can use instead of the (weighted) mean, so that a minority
+of wrong or hostile uploads cannot steer the result.
+
+Which servers use them: a server class declares ``aggregates = "weights"`` (FedAvg and every
+method built on its aggregation) or ``"rows"`` (FedMD's consensus of score rows). The experiment's
+``aggregation`` section picks the rule; a rule a method cannot use fails at config time.
+
+* ``mean``: the method's own rule (FedAvg weighs by sample count); the default, bit for bit today's.
+* ``median``: coordinate-wise median (Yin et al., 2018).
+* ``trimmed_mean``: per coordinate, drop the ``trim_fraction`` largest and smallest values, average
+  the rest (Yin et al., 2018).
+* ``krum`` / ``multi_krum``: score each upload by the summed squared distances to its n − f − 2
+  nearest others; keep the best one (Krum) or average the n − f best (Multi-Krum) (Blanchard et al.,
+  2017), ``f = byzantine``. Weights only: they compare whole models.
+* ``geometric_median``: the point minimizing the summed distances to the uploads, weighted by
+  sample count, by Weiszfeld's iterations (Pillutla et al., 2022, RFA). Weights only.
+
+Sample counts are a client's own claim, so only ``mean`` and ``geometric_median`` use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..configuration import Validated, option
+
+ROW_RULES = ("mean", "median", "trimmed_mean")  # coordinate-wise: any stack of equal arrays
+WEIGHT_RULES = (*ROW_RULES, "krum", "multi_krum", "geometric_median")  # whole-model rules too
+
+
+@dataclass
+class AggregationOptions(Validated):
+    rule: str = option("mean", choices=WEIGHT_RULES)
+    trim_fraction: float = option(0.2, ge=0, lt=0.5)  # trimmed_mean: share cut at each end
+    byzantine: int = option(1, ge=0)  # krum, multi_krum: f, the adversaries assumed among the uploads
+    iterations: int = option(100, ge=1)  # geometric_median: Weiszfeld steps at most
+    tolerance: float = option(1e-6, gt=0)  # geometric_median: stop when the point moves less (relative)
+
+
+def combine(stack: np.ndarray, weights: np.ndarray, options: AggregationOptions) -> np.ndarray:
+    """Aggregate ``stack`` (n uploads × d numbers, float64) into one d-vector by ``options.rule``."""
+    n = stack.shape[0]
+    weights = np.asarray(weights, dtype=np.float64)
+    rule = options.rule
+    if rule == "mean":
+        return (weights[:, None] * stack).sum(axis=0) / weights.sum()
+    if rule == "median":
+        return np.median(stack, axis=0)
+    if rule == "trimmed_mean":
+        cut = int(np.floor(options.trim_fraction * n))
+        kept = np.sort(stack, axis=0)[cut: n - cut] if n - 2 * cut > 0 else np.sort(stack, axis=0)
+        return kept.mean(axis=0)
+    if rule in ("krum", "multi_krum"):
+        scores = krum_scores(stack, options.byzantine)
+        keep = 1 if rule == "krum" else max(1, n - options.byzantine)
+        chosen = np.argsort(scores, kind="stable")[:keep]
+        return stack[chosen].mean(axis=0)
+    if rule == "geometric_median":
+        return geometric_median(stack, weights, options.iterations, options.tolerance)
+    raise ValueError(f"aggregation rule {rule!r} (allowed: {', '.join(WEIGHT_RULES)})")
+
+
+def krum_scores(stack: np.ndarray, byzantine: int) -> np.ndarray:
+    """Each upload's summed squared distance to its n − f − 2 nearest others (at least one)."""
+    sq = (stack**2).sum(axis=1)
+    dist = np.clip(sq[:, None] + sq[None, :] - 2.0 * stack @ stack.T, 0.0, None)
+    n = stack.shape[0]
+    nearest = max(1, n - byzantine - 2)
+    ordered = np.sort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, : min(nearest, n - 1)]
+    return ordered.sum(axis=1) if n > 1 else np.zeros(1)
+
+
+def geometric_median(stack: np.ndarray, weights: np.ndarray, iterations: int, tolerance: float) -> np.ndarray:
+    """Weiszfeld's algorithm (smoothed at 1e-12 so a point on an upload does not divide by 0)."""
+    point = (weights[:, None] * stack).sum(axis=0) / weights.sum()
+    for _ in range(iterations):
+        distances = np.maximum(np.linalg.norm(stack - point, axis=1), 1e-12)
+        alpha = weights / distances
+        moved = (alpha[:, None] * stack).sum(axis=0) / alpha.sum()
+        step = np.linalg.norm(moved - point)
+        point = moved
+        if step <= tolerance * max(1.0, np.linalg.norm(point)):
+            break
+    return point
+
+
+def combine_rows(arrays: list[np.ndarray], options: AggregationOptions) -> np.ndarray:
+    """A coordinate-wise rule over equal-shaped arrays (FedMD's score rows), as float32."""
+    stack = np.stack([a.astype(np.float64).reshape(-1) for a in arrays])
+    return combine(stack, np.ones(len(arrays)), options).reshape(arrays[0].shape).astype(np.float32)
+
+
+__all__ = ["ROW_RULES", "WEIGHT_RULES", "AggregationOptions", "combine", "combine_rows", "geometric_median",
+           "krum_scores"]

@@ -1,0 +1,96 @@
+"""Robust aggregation rules (issue #13): each resists an outlier the mean follows, FedAvg and FedMD
+use the experiment's rule, and a rule a method cannot use fails at config time."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from conftest import small_config
+
+from hetpfl.algorithms.robust import AggregationOptions, combine
+from hetpfl.clienthost import ClientHost, make_store
+from hetpfl.configuration import ConfigError
+from hetpfl.engine import run_rounds
+from hetpfl.messages import Message
+from hetpfl.prepare import prepare
+from hetpfl.simulator import InProcessTransport
+
+
+def honest_and_one_outlier(d=6):
+    rng = np.random.default_rng(0)
+    honest = 1.0 + 0.01 * rng.standard_normal((4, d))
+    return np.vstack([honest, np.full((1, d), 100.0)]), honest
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median"])
+def test_every_robust_rule_stays_with_the_honest_uploads_where_the_mean_does_not(rule):
+    stack, honest = honest_and_one_outlier()
+    weights = np.ones(len(stack))
+    mean = combine(stack, weights, AggregationOptions(rule="mean"))
+    robust = combine(stack, weights, AggregationOptions(rule=rule, byzantine=1))
+    assert np.abs(mean - 1.0).max() > 15  # the outlier drags the mean by ~20
+    assert np.abs(robust - 1.0).max() < 0.05, robust
+    if rule == "krum":  # Krum returns one of the uploads
+        assert any(np.array_equal(robust, h) for h in honest)
+    if rule == "multi_krum":  # the n - f = 4 best: exactly the honest ones
+        np.testing.assert_allclose(robust, honest.mean(axis=0))
+
+
+def test_the_weighted_mean_and_trimmed_mean_are_what_they_say():
+    stack = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    assert combine(stack, np.array([1, 1, 1, 1, 4.0]), AggregationOptions())[0] == pytest.approx(46 / 8)
+    assert combine(stack, np.ones(5), AggregationOptions(rule="trimmed_mean", trim_fraction=0.2))[0] == 2.0
+    assert combine(stack, np.ones(5), AggregationOptions(rule="median"))[0] == 2.0
+
+
+class ScalingAttacker(InProcessTransport):
+    """Client 0 sends its update scaled by -20 (a sign-flipped, boosted model-poisoning upload)."""
+
+    def exchange(self, stage, rnd, messages):
+        result = super().exchange(stage, rnd, messages)
+        if stage == "train" and 0 in result.replies:
+            sent, reply = messages[0].arrays, result.replies[0]
+            arrays = {k: (sent[k] - 20.0 * (v - sent[k])).astype(v.dtype) if k.startswith("w.") else v
+                      for k, v in reply.arrays.items()}
+            result.replies[0] = Message(arrays, dict(reply.scalars))
+        return result
+
+
+def global_accuracy(rule):
+    # near-IID clients: the test is about the attack (on label-skewed clients, coordinate-wise rules
+    # and Krum lose accuracy without any attack, a known limit of theirs: docs/reliability.md)
+    config = small_config("fedavg", **{"models.clients": ["mlp"], "data.num_clients": 5, "rounds": 3,
+                                       "data.dirichlet_alpha": 100, "aggregation.rule": rule,
+                                       "aggregation.byzantine": 1})
+    run = prepare(config).run
+    summary = run_rounds(run, ScalingAttacker(ClientHost(run, make_store("memory"))))
+    return summary["final"]["global_test_acc"]
+
+
+def test_fedavg_with_a_robust_rule_survives_a_poisoned_update_that_breaks_the_mean():
+    poisoned_mean = global_accuracy("mean")
+    assert poisoned_mean < 0.3, poisoned_mean  # one client of five ruins the averaged model
+    for rule in ("median", "trimmed_mean", "krum", "multi_krum", "geometric_median"):
+        assert global_accuracy(rule) > 0.8, rule
+
+
+def test_fedmd_uses_the_rule_on_its_consensus_and_the_mean_is_unchanged(tmp_path):
+    from hetpfl.experiment import run_experiment
+
+    base = {"models.clients": ["mlp"], "data.num_clients": 3, "rounds": 1}
+    run_experiment(small_config("fedmd", **base), tmp_path / "default")
+    run_experiment(small_config("fedmd", **base, **{"aggregation.rule": "mean"}), tmp_path / "mean")
+    run_experiment(small_config("fedmd", **base, **{"aggregation.rule": "median"}), tmp_path / "median")
+    metrics = {name: (tmp_path / name / "metrics.jsonl").read_text() for name in ("default", "mean", "median")}
+    assert metrics["default"] == metrics["mean"] != metrics["median"]
+
+
+@pytest.mark.parametrize("algorithm, rule, message", [
+    ("fedmd", "krum", "aggregation.rule='krum': fedmd combines rows: expected one of mean, median, trimmed_mean"),
+    ("cosmos", "median", "aggregation.rule='median': cosmos uses no experiment-level aggregation rule"),
+])
+def test_a_rule_the_method_cannot_use_fails_at_config_time(algorithm, rule, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        small_config(algorithm, **{"aggregation.rule": rule})
