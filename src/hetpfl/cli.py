@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .configuration import ConfigError
-from .runfolder import ResultsFolderError
 from .numerics import portable_numerics_active, portable_numerics_supported, restart_with_portable_numerics
+from .runfolder import ResultsFolderError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -261,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"hetpfl: {type(exc).__name__}: {exc} (hetpfl --debug ... shows the traceback)", file=sys.stderr)
         return 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

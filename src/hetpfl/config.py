@@ -19,7 +19,9 @@ import yaml
 
 from .algorithms import ALGORITHMS, get_algorithm
 from .algorithms.base import ClientTraining
+from .algorithms.robust import ROW_RULES, WEIGHT_RULES, AggregationOptions
 from .clienthost import STORES
+from .engine import CLIENT_ERROR_POLICIES
 from .configuration import (
     ConfigError,
     FieldError,
@@ -38,8 +40,6 @@ from .messages import COMPRESSIONS
 from .models import ARCHITECTURES, ModuleSpec
 from .models.lora import LoRAOptions
 from .runtimes import RUNTIMES
-from .algorithms.robust import ROW_RULES, WEIGHT_RULES, AggregationOptions
-from .engine import CLIENT_ERROR_POLICIES
 from .simulator import EXECUTORS
 
 # Upper bounds that catch typos before any work: beyond them a run hangs drawing its client-sampling
@@ -139,6 +139,8 @@ class RuntimeConfig(Validated):
     # simulator only, drawn from the seed per (round, stage, client); evaluation is never dropped
     dropout: float = option(0.0, ge=0, lt=1)  # chance that a sampled client does not answer a stage
     stragglers: float = option(0.0, ge=0, lt=1)  # chance that a client's reply misses the stage deadline
+    checkpoint_every: int = option(0, ge=0)  # save the whole run every N rounds (0: never)
+    keep_checkpoints: int = option(2, ge=1)  # checkpoints of the newest rounds to keep
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,8 +149,6 @@ class RuntimeConfig(Validated):
                 require(self.name == "simulator", key, getattr(self, key), "is simulated by runtime.name=simulator only")
                 require(self.on_client_error == "record", key, getattr(self, key),
                         "needs runtime.on_client_error=record (a simulated failure is recorded, not raised)")
-    checkpoint_every: int = option(0, ge=0)  # save the whole run every N rounds (0: never)
-    keep_checkpoints: int = option(2, ge=1)  # checkpoints of the newest rounds to keep
 
 
 @dataclass

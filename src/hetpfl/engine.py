@@ -11,6 +11,7 @@ which :func:`run_rounds` resumes exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -75,6 +76,13 @@ class RunSpec:
     @property
     def num_clients(self) -> int:
         return self.data.num_clients
+
+    @functools.cached_property
+    def message_sizes(self) -> dict[str, int]:
+        """The named sizes messages are validated against (the run's; a message down binds more)."""
+        data = self.data
+        return {"num_classes": data.num_classes, "num_public_total": len(data.public), "num_tasks": len(data.tasks),
+                "num_examples_max": sum(map(len, data.client_train)) + sum(map(len, data.client_test))}
 
     def client_modules(self, client: int) -> dict[str, ModuleSpec]:
         """The module slots client ``client`` holds (its method's declaration for its architecture)."""
@@ -206,10 +214,7 @@ class RoundComm:
 
     def __init__(self, run: RunSpec, transport: Transport, rnd: int, ledger: Ledger) -> None:
         self.run, self.transport, self.rnd, self.ledger = run, transport, rnd, ledger
-        data = run.data
-        self.sizes = {"num_classes": data.num_classes, "num_public_total": len(data.public),
-                      "num_tasks": len(data.tasks),
-                      "num_examples_max": sum(map(len, data.client_train)) + sum(map(len, data.client_test))}
+        self.sizes = run.message_sizes
 
     def ask(self, stage: str, messages: Mapping[int, Message]) -> dict[int, Message]:
         schema = self.run.algorithm.schema(stage)

@@ -77,15 +77,15 @@ def run_experiment(
     runfolder.check(out, overwrite=overwrite, resume=resume)
     if resume and config.runtime.checkpoint_every == 0:
         raise ConfigError(f"cannot resume {out}: its run keeps no checkpoints (run with runtime.checkpoint_every > 0)")
-    # killed before its first checkpoint: the run starts again from round 0, in its own folder
-    from_checkpoint = resume and latest_checkpoint(out / CHECKPOINTS) is not None
+    # killed before its first checkpoint (none yet): the run starts again from round 0, in its own folder
+    start = latest_checkpoint(out / CHECKPOINTS) if resume else None
     started = time.perf_counter()
     prepared = prepare(config)  # config errors found here leave no file behind
     if on_prepared is not None:
         on_prepared(prepared)
     run_id = runfolder.start(out, overwrite=overwrite, resume=resume)
     try:
-        summary = _run_into(out, prepared, run_id, started, on_round, runner, from_checkpoint)
+        summary = _run_into(out, prepared, run_id, started, on_round, runner, start)
     except BaseException as exc:
         ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         runfolder.update(out, status=ended, error=f"{type(exc).__name__}: {exc}"[:2000])
@@ -96,16 +96,15 @@ def run_experiment(
 
 def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
               on_round: Callable[[dict[str, Any]], None] | None, runner: Callable[..., dict[str, Any]] | None,
-              resume: bool) -> dict[str, Any]:
+              start: Path | None) -> dict[str, Any]:
     from .plots import plot_run, save_heatmap, save_image_grid  # noqa: PLC0415
 
     config = prepared.config
     runtime = config.runtime
     checkpoint = (CheckpointPolicy(out / CHECKPOINTS, runtime.checkpoint_every, runtime.keep_checkpoints)
                   if runtime.checkpoint_every > 0 else None)
-    start = None
+    resume = start is not None
     if resume:
-        start = latest_checkpoint(out / CHECKPOINTS)
         next_round = int(json.loads((start / "run.json").read_text())["state"]["next_round"])
         for name in ("metrics.jsonl", "timings.jsonl"):
             _keep_rounds_before(out / name, next_round)

@@ -57,11 +57,9 @@ class InProcessTransport:
     def exchange(self, stage: str, rnd: int, messages: Mapping[int, Message]) -> Exchange:
         started = time.perf_counter()
         groups = self.host.groups(list(messages))
-        if self.host.run.on_client_error == "raise":
-            replies = self.executor.run(self.host, stage, rnd, groups, messages)
-            return Exchange(replies={c: replies[c] for c in sorted(replies)}, client_seconds=time.perf_counter() - started)
-        # Record a raising client as a deployment would. A one-by-one executor runs each client
-        # alone, so one failure takes no other client with it; a batched group fails together.
+        # A raising client is recorded as a deployment would (unless the run says raise). A
+        # one-by-one executor runs each client alone (the same calls in the same order), so one
+        # failure takes no other client with it; a batched group fails together.
         if not self.executor.batched:
             groups = [[c] for group in groups for c in group]
         dropped, late = self._simulated_faults(stage, rnd, list(messages))
@@ -75,6 +73,8 @@ class InProcessTransport:
             try:
                 replies.update(self.executor.run(self.host, stage, rnd, [group], messages))
             except Exception as exc:  # noqa: BLE001  (any error of a client's code is that client's failure)
+                if self.host.run.on_client_error == "raise":
+                    raise
                 failures.update({c: f"raised {type(exc).__name__}: {exc}" for c in group})
         return Exchange(replies={c: replies[c] for c in sorted(replies) if c not in late}, failures=failures,
                         client_seconds=time.perf_counter() - started, undelivered=dropped)

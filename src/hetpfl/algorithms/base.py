@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .robust import AggregationOptions
 from ..configuration import option
 from ..data import ArrayDataset
 from ..learn import AUGMENTATIONS, OptimOptions, evaluate
@@ -31,6 +30,7 @@ from ..messages import ArrayField, Message, Schema, StageSchema
 from ..models import ModuleSpec
 from ..rng import numpy_rng, torch_generator
 from ..state import ClientState
+from .robust import AggregationOptions
 
 TASK_KINDS = ("classification", "vqa")  # AlgorithmSpec.task_kind
 MAIN_SLOT = "model"  # the slot every method has unless it declares otherwise; ``ctx.model``

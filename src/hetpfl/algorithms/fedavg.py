@@ -17,9 +17,7 @@ The server and client here are the base of the methods that change one step of t
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from torch import nn
@@ -91,7 +89,7 @@ WEIGHTS_ROUND = StageSchema(
     up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int}, returns_sent=True),
 )
 # The same for methods whose clients upload only the shared part of what they receive.
-SHARED_WEIGHTS_ROUND = StageSchema(down=WEIGHTS_ROUND.down, up=dataclasses.replace(WEIGHTS_ROUND.up, returns_sent=False))
+SHARED_WEIGHTS_ROUND = StageSchema(down=WEIGHTS_ROUND.down, up=replace(WEIGHTS_ROUND.up, returns_sent=False))
 
 SPEC = AlgorithmSpec(
     name="fedavg",

@@ -22,8 +22,8 @@ import numpy as np
 from ..configuration import Validated, option
 from ..learn import DISTILL_LOSSES, distill, predict_logits
 from ..messages import ArrayField, Message, Schema, StageSchema
-from .robust import combine_rows
 from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, train_locally
+from .robust import combine_rows
 
 
 @dataclass
@@ -46,11 +46,7 @@ class FedMDServer(Server):
         predictions = comm.ask("communicate", {c: Message({"public_idx": subset}) for c in clients})
         if not predictions:
             return {}
-        scores = [m.arrays["scores"] for m in predictions.values()]
-        if self.setup.aggregation.rule == "mean":
-            consensus = np.mean(scores, axis=0).astype(np.float32)
-        else:
-            consensus = combine_rows(scores, self.setup.aggregation)
+        consensus = combine_rows([m.arrays["scores"] for m in predictions.values()], self.setup.aggregation)
         comm.ask("digest_revisit", {c: Message({"public_idx": subset, "consensus": consensus}) for c in predictions})
         return {"public_used": float(len(subset))}
 

@@ -49,9 +49,8 @@ def combine(stack: np.ndarray, weights: np.ndarray, options: AggregationOptions)
     if rule == "median":
         return np.median(stack, axis=0)
     if rule == "trimmed_mean":
-        cut = int(np.floor(options.trim_fraction * n))
-        kept = np.sort(stack, axis=0)[cut: n - cut] if n - 2 * cut > 0 else np.sort(stack, axis=0)
-        return kept.mean(axis=0)
+        cut = int(np.floor(options.trim_fraction * n))  # trim_fraction < 0.5 keeps at least one value
+        return np.sort(stack, axis=0)[cut: n - cut].mean(axis=0)
     if rule in ("krum", "multi_krum"):
         scores = krum_scores(stack, options.byzantine)
         keep = 1 if rule == "krum" else max(1, n - options.byzantine)
@@ -87,7 +86,10 @@ def geometric_median(stack: np.ndarray, weights: np.ndarray, iterations: int, to
 
 
 def combine_rows(arrays: list[np.ndarray], options: AggregationOptions) -> np.ndarray:
-    """A coordinate-wise rule over equal-shaped arrays (FedMD's score rows), as float32."""
+    """A coordinate-wise rule over equal-shaped arrays (FedMD's score rows), as float32; ``mean``
+    is the plain float32 mean."""
+    if options.rule == "mean":
+        return np.mean(arrays, axis=0).astype(np.float32)
     stack = np.stack([a.astype(np.float64).reshape(-1) for a in arrays])
     return combine(stack, np.ones(len(arrays)), options).reshape(arrays[0].shape).astype(np.float32)
 

@@ -26,13 +26,14 @@ def weighted_average(states: Sequence[dict[str, np.ndarray]], weights: Sequence[
     """Average float arrays by ``weights`` (in float64, returned as float32); integer buffers
     (BatchNorm's batch counters) take the maximum."""
     total = float(sum(weights))
-    out = {}
-    for key in states[0]:
-        if key.startswith("w."):
-            out[key] = (sum(w * s[key].astype(np.float64) for s, w in zip(states, weights)) / total).astype(np.float32)
-        else:
-            out[key] = np.max(np.stack([s[key] for s in states]), axis=0)
-    return out
+    buffers = _max_buffers(states)
+    return {key: (sum(w * s[key].astype(np.float64) for s, w in zip(states, weights)) / total).astype(np.float32)
+            if key.startswith("w.") else buffers[key] for key in states[0]}
+
+
+def _max_buffers(states: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Integer buffers (BatchNorm's batch counters): the maximum over clients."""
+    return {key: np.max(np.stack([s[key] for s in states]), axis=0) for key in states[0] if not key.startswith("w.")}
 
 
 def aggregate_weights(states: Sequence[dict[str, np.ndarray]], weights: Sequence[float],
@@ -50,10 +51,8 @@ def aggregate_weights(states: Sequence[dict[str, np.ndarray]], weights: Sequence
         size = states[0][key].size
         out[key] = flat[start: start + size].reshape(states[0][key].shape).astype(np.float32)
         start += size
-    for key in states[0]:
-        if not key.startswith("w."):
-            out[key] = np.max(np.stack([s[key] for s in states]), axis=0)
-    return out
+    buffers = _max_buffers(states)
+    return {key: out[key] if key.startswith("w.") else buffers[key] for key in states[0]}  # the states' order
 
 
 def shared_arrays(model: nn.Module, shared: KeyFilter | None = None) -> dict[str, np.ndarray]:
