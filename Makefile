@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing later can resolve a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0" numpy
-	$(PY) -m pip install --quiet -e ".[flower,mnist1d,hf,dev]"
+	$(PY) -m pip install --quiet -e ".[flower,mnist1d,hf,privacy,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -78,6 +78,16 @@ CASES = {
         "was sent down"),
     "fedavg: 10**15 examples": ("fedavg", {}, "train", lambda m: scalars(m, num_examples=10**15), "outside [0, "),
     "fedavg: negative examples": ("fedavg", {}, "train", lambda m: scalars(m, num_examples=-10**6), "outside [0, "),
+    "fedavg: a weight that was not sent": (
+        "fedavg", {}, "train", lambda m: arrays(m, **{"w.evil": np.zeros(10**5, np.float32)}),
+        "returns 'w.evil', which was not sent down"),
+    "fedmd: finite but absurd scores": (
+        "fedmd", {}, "communicate", lambda m: arrays(m, scores=np.full_like(m.arrays["scores"], 3e38)),
+        "holds 3e+38, beyond the magnitude allowed (1e+06)"),
+    "fedmd: a reply over the size cap": (
+        "fedmd", {"runtime.max_reply_mb": 0.1}, "communicate",
+        lambda m: arrays(m, scores=np.zeros((50 * len(m.arrays["scores"]), 10), np.float32)),
+        "bytes, over runtime.max_reply_mb (0.1 MiB)"),
     "fedmd: accuracy 7.5": ("fedmd", {}, "evaluate", lambda m: scalars(m, accuracy=7.5), "'accuracy'=7.5 is outside [0.0, 1.0]"),
 }
 

@@ -14,7 +14,7 @@ LAYERS = {
     "data": 1,
     "models": 2, "messages": 2, "plots": 2,
     "learn": 3, "state": 3, "backbones": 3,
-    "algorithms": 4,
+    "algorithms": 4, "adversaries": 4, "privacy": 4,
     "clienthost": 5, "engine": 5,
     "simulator": 6,
     "runtimes": 7,

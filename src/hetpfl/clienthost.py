@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .algorithms.base import Client, ClientContext
+from .adversaries import tamper
+from .privacy import privatize
+from .algorithms.base import EVALUATE_STAGE, Client, ClientContext
 from .messages import Message, compress, decompress
 from .models import ModuleSpec
 from .rng import derive_seed
@@ -228,9 +230,24 @@ class ClientHost:
         ctx = self._context(client_id, stage, rnd, modules, state)
         # Dropout and other torch-internal randomness draw from the global stream: seed it per call.
         torch.manual_seed(derive_seed(self.run.seed, "client", client_id, "round", rnd, stage, "torch"))
-        reply = self.client.handle(stage, _read_only(decompress(message)), ctx)
+        sent = decompress(message)
+        reply = self.client.handle(stage, _read_only(sent), ctx)
         self.store.put(client_id, self._record(modules, ctx.state))
-        return compress(reply, self.run.compression)
+        return compress(self._attacked(client_id, stage, rnd, sent, reply), self.run.compression)
+
+    def _attacked(self, client: int, stage: str, rnd: int, sent: Message, reply: Message) -> Message:
+        """What the client uploads: its reply through the privacy mechanism if the run has one
+        (privacy.py), and, for a client of the run's adversaries, the attack's version of it
+        (adversaries.py; an attacker adds no noise). Evaluation replies are measurements: untouched."""
+        run = self.run
+        if stage == EVALUATE_STAGE:
+            return reply
+        up = run.algorithm.schema(stage).up
+        if client in run.adversarial_clients:
+            return tamper(reply, sent, up, run.adversaries, seed=run.seed, client=client, rnd=rnd, stage=stage)
+        if run.privacy.active:
+            return privatize(reply, up, run.privacy, seed=run.seed, client=client, rnd=rnd, stage=stage)
+        return reply
 
     def handle_group(self, clients: list[int], stage: str, rnd: int, messages: Mapping[int, Message],
                      batched: bool = False) -> dict[int, Message]:
@@ -249,7 +266,8 @@ class ClientHost:
             state = self._load(record if record is not None else self.initial_record(client), modules)
             ctxs[client] = self._context(client, stage, rnd, modules, state)
         torch.manual_seed(derive_seed(self.run.seed, "group", clients[0], "round", rnd, stage, "torch"))
-        replies = many({c: _read_only(decompress(messages[c])) for c in clients}, ctxs)
+        sent = {c: decompress(messages[c]) for c in clients}
+        replies = many({c: _read_only(sent[c]) for c in clients}, ctxs)
         for client, ctx in ctxs.items():
             self.store.put(client, self._record(ctx.modules, ctx.state))
-        return {c: compress(replies[c], self.run.compression) for c in clients}
+        return {c: compress(self._attacked(c, stage, rnd, sent[c], replies[c]), self.run.compression) for c in clients}

@@ -17,7 +17,9 @@ from typing import Any, Mapping
 
 import yaml
 
+from .adversaries import AdversaryOptions, check_attack
 from .algorithms import ALGORITHMS, get_algorithm
+from .privacy import PrivacyOptions, check_privacy
 from .algorithms.base import ClientTraining
 from .algorithms.robust import ROW_RULES, WEIGHT_RULES, AggregationOptions
 from .clienthost import STORES
@@ -139,6 +141,7 @@ class RuntimeConfig(Validated):
     # simulator only, drawn from the seed per (round, stage, client); evaluation is never dropped
     dropout: float = option(0.0, ge=0, lt=1)  # chance that a sampled client does not answer a stage
     stragglers: float = option(0.0, ge=0, lt=1)  # chance that a client's reply misses the stage deadline
+    max_reply_mb: float = option(1024.0, gt=0)  # a client's reply beyond this is its failure, refused undecoded
     checkpoint_every: int = option(0, ge=0)  # save the whole run every N rounds (0: never)
     keep_checkpoints: int = option(2, ge=1)  # checkpoints of the newest rounds to keep
 
@@ -164,6 +167,8 @@ class ExperimentConfig(Validated):
     client: ClientTraining = field(default_factory=ClientTraining)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     aggregation: AggregationOptions = field(default_factory=AggregationOptions)
+    adversaries: AdversaryOptions = field(default_factory=AdversaryOptions)  # Byzantine clients (adversaries.py)
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions)  # DP for uploaded predictions (privacy.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -182,6 +187,8 @@ class ExperimentConfig(Validated):
         require(rule in allowed, "aggregation.rule", rule,
                 f"{spec.name} " + (f"combines {kind}: expected one of {', '.join(allowed)}" if kind else
                                    "uses no experiment-level aggregation rule (only 'mean'; see its own options)"))
+        check_attack(self.adversaries, dict(spec.schemas), spec.task_kind, spec.name)
+        check_privacy(self.privacy, dict(spec.schemas), spec.name)
 
     def algorithm_config(self) -> Any:
         """The method's own config dataclass, built (and checked) from the ``algorithm`` section."""

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 import torch
 
+from .adversaries import AdversaryOptions
+from .privacy import PrivacyOptions, epsilon
 from .algorithms.robust import AggregationOptions
 from .algorithms.base import EVALUATE_SCHEMA, EVALUATE_STAGE, AlgorithmSpec, ClientTraining, Server, ServerSetup
 from .data import FederatedData
@@ -70,6 +72,10 @@ class RunSpec:
     dropout: float = 0.0  # simulator: chance that a sampled client does not answer a stage
     stragglers: float = 0.0  # simulator: chance that its reply misses the stage's deadline
     aggregation: AggregationOptions = field(default_factory=AggregationOptions)
+    adversaries: AdversaryOptions = field(default_factory=AdversaryOptions)
+    adversarial_clients: tuple[int, ...] = ()  # who runs ``adversaries.attack`` (drawn from the seed)
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
+    max_reply_bytes: int = 2**30  # a larger reply is refused before it is decoded (runtime.max_reply_mb)
     leaked_public_labels: np.ndarray | None = None
     stateless_clients: bool = False  # runtime.client_state=none: no client keeps its model to evaluate
 
@@ -199,6 +205,7 @@ class Ledger:
         self.failures: dict[int, str] = {}
         self.stage_bytes: dict[str, list[int]] = {}  # stage -> [up, down], all clients
         self.stage_seconds: dict[str, float] = {}  # stage -> seconds of its exchanges
+        self.releases = np.zeros(num_clients, dtype=np.int64)  # uploads of predictions (privacy accounting)
 
     def reset(self) -> None:
         self.__init__(self.num_clients)
@@ -230,20 +237,27 @@ class RoundComm:
         result = self.transport.exchange(stage, self.rnd, outgoing)
         for client in outgoing:
             if client not in result.undelivered:  # a message that never reached its client cost nothing
-                self._count(stage, client, outgoing[client], down=True)
+                self._count(stage, client, outgoing[client].num_bytes, down=True)
         self.ledger.stage_seconds[stage] = self.ledger.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
         if stage != EVALUATE_STAGE:  # evaluation is timed on its own
             self.ledger.transport_seconds += time.perf_counter() - started
             self.ledger.client_seconds += result.client_seconds
+        if self.run.privacy.active and schema.up.prediction_fields():
+            for client in result.replies:  # every upload that arrived spent privacy, valid or not
+                self.ledger.releases[client] += 1
         replies: dict[int, Message] = {}
         for client in sorted(result.replies):
             if client not in outgoing:
                 raise MessageError(f"stage '{stage}': reply from client {client}, which was not asked")
-            self._count(stage, client, result.replies[client], down=False)
-            reply = decompress(result.replies[client])
+            size = result.replies[client].num_bytes
+            self._count(stage, client, size, down=False)
+            where = f"stage '{stage}' reply from client {client}"
             try:
-                schema.up.validate(reply, where=f"stage '{stage}' reply from client {client}", sizes=sizes[client],
-                                   sent=messages[client])
+                if size > self.run.max_reply_bytes:  # checked before it is decoded or validated
+                    raise MessageError(f"{where}: {size} bytes, over runtime.max_reply_mb "
+                                       f"({self.run.max_reply_bytes / 2**20:.4g} MiB)")
+                reply = decompress(result.replies[client])
+                schema.up.validate(reply, where=where, sizes=sizes[client], sent=messages[client])
             except MessageError as exc:
                 if self.run.on_client_error == "raise":
                     raise
@@ -257,14 +271,14 @@ class RoundComm:
             self.ledger.fail(client, f"{stage}: {error}")
         return replies
 
-    def _count(self, stage: str, client: int, message: Message, down: bool) -> None:
-        self.ledger.stage_bytes.setdefault(stage, [0, 0])[1 if down else 0] += message.num_bytes
+    def _count(self, stage: str, client: int, size: int, down: bool) -> None:
+        self.ledger.stage_bytes.setdefault(stage, [0, 0])[1 if down else 0] += size
         if stage == EVALUATE_STAGE:
-            self.ledger.eval_bytes += message.num_bytes
+            self.ledger.eval_bytes += size
         elif down:
-            self.ledger.down[client] += message.num_bytes
+            self.ledger.down[client] += size
         else:
-            self.ledger.up[client] += message.num_bytes
+            self.ledger.up[client] += size
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,10 +355,12 @@ class RunState:
     stage_bytes: dict[str, list[int]] = field(default_factory=dict)  # stage -> [up, down], whole run
     stage_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds, whole run
     phase_s: dict[str, float] = field(default_factory=dict)  # server phase -> seconds, whole run
+    releases: list[int] = field(default_factory=list)  # per client: predictions uploaded (privacy)
 
     @classmethod
     def fresh(cls, num_clients: int) -> "RunState":
-        return cls(0, np.zeros(num_clients, dtype=np.int64), np.zeros(num_clients, dtype=np.int64))
+        return cls(0, np.zeros(num_clients, dtype=np.int64), np.zeros(num_clients, dtype=np.int64),
+                   releases=[0] * num_clients)
 
     def to_json(self) -> dict[str, Any]:
         return {**{k: v for k, v in vars(self).items() if k not in ("bytes_up", "bytes_down")},
@@ -477,6 +493,9 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         state.bytes_eval += ledger.eval_bytes
         record["bytes_up_cum"], record["bytes_down_cum"] = int(state.bytes_up.sum()), int(state.bytes_down.sum())
         record["failures"] = {str(k): v for k, v in sorted(ledger.failures.items())}
+        if run.privacy.active:
+            state.releases = [int(a + b) for a, b in zip(state.releases, ledger.releases)]
+            record["privacy_epsilon"] = privacy_spent(run.privacy, state.releases)["epsilon_max"]
         # Wall-clock figures live apart from the measures, which are identical for one seed.
         record["timing"] = {
             "client_s": ledger.client_seconds,
@@ -515,6 +534,9 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         "final_clients_evaluated": sum(a is not None for a in last.get("client_acc", [])),
         # clients no round ever sampled: their "own model" is untrained, yet it is in the averages
         "never_sampled": sorted(set(range(run.num_clients)) - sampled),
+        # who attacked (adversaries section); the honest_* figures leave them out
+        **({"adversarial_clients": list(run.adversarial_clients),
+            "attack": run.adversaries.attack} if run.adversarial_clients else {}),
     }
     return {
         "algorithm": run.algorithm.name,
@@ -539,9 +561,18 @@ def run_rounds(run: RunSpec, transport: Transport, on_round: RoundCallback | Non
         "time_by_stage_s": dict(sorted(state.stage_s.items())),
         "time_by_phase_s": dict(sorted(state.phase_s.items())),
         **({"resumed_at_round": first_round} if resume is not None else {}),
+        **({"privacy": privacy_spent(run.privacy, state.releases)} if run.privacy.active else {}),
         **({VISUALS: visuals} if visuals else {}),
         **({HEATMAPS: heatmaps} if heatmaps else {}),
     }
+
+
+def privacy_spent(options: PrivacyOptions, releases: list[int]) -> dict[str, Any]:
+    """ε at δ of every client after its releases so far (privacy.py: Opacus's RDP accountant)."""
+    per_client = [epsilon(k, options.noise_multiplier, options.delta) for k in releases]
+    return {"mechanism": options.mechanism, "noise_multiplier": options.noise_multiplier, "clip": options.clip,
+            "delta": options.delta, "epsilon_max": max(per_client, default=0.0), "epsilon_by_client": per_client,
+            "releases_by_client": list(releases)}
 
 
 def _accumulate(total: dict[str, float], part: Mapping[str, float]) -> None:
@@ -567,6 +598,24 @@ def evaluate_round(run: RunSpec, server: Server, transport: Transport, rnd: int,
     out.update(evaluate_extra_models(server.extra_models(), run.data, rnd))
     for name, model in server.test_models().items():
         out[f"{name}_test_acc"] = float(evaluate(model, run.data.global_test.x, run.data.global_test.y)["accuracy"])
+    if run.adversarial_clients:
+        out.update(honest_spread(out, run.adversarial_clients))
+    return out
+
+
+def honest_spread(measures: Mapping[str, Any], adversaries: tuple[int, ...]) -> dict[str, float]:
+    """Every per-client accuracy list (``client_acc``: the own models, ``<name>_client_acc``: a
+    method's extra models) summarized over the honest clients alone, as ``honest_<prefix>_*``."""
+    out: dict[str, float] = {}
+    for key, values in measures.items():
+        if key == "client_acc":
+            prefix = "personalized_acc"
+        elif key.endswith("_client_acc"):
+            prefix = key[: -len("_client_acc")] + "_acc"
+        else:
+            continue
+        honest = [np.nan if v is None else v for c, v in enumerate(values) if c not in adversaries]
+        out.update(spread(np.asarray(honest, dtype=np.float64), f"honest_{prefix}"))
     return out
 
 

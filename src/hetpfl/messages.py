@@ -126,13 +126,17 @@ class ArrayField:
 
     ``shape`` entries are ints (exact), strings (named sizes such as ``"num_public"`` that the
     validator binds from its ``sizes`` argument) or ``None`` (any). ``shape=None`` allows any
-    shape (e.g. model weights). ``probabilities`` requires non-negative rows summing to 1.
+    shape (e.g. model weights). ``probabilities`` requires non-negative rows summing to 1;
+    ``logits`` marks rows of unnormalized class scores (no rule; the Byzantine attacks on soft labels
+    find predictions by these two marks).
     """
 
     dtype: str = "float32"
     shape: tuple[Dim, ...] | None = None
     probabilities: bool = False
+    logits: bool = False
     finite: bool = True
+    magnitude: float | None = None  # |value| at most this (finite but absurd numbers, e.g. scores of 3e38)
     low: float | None = None  # smallest value allowed
     below: int | str | None = None  # values must be < this (a number or a named size, e.g. "num_classes")
 
@@ -159,6 +163,11 @@ class Schema:
     max_bytes: int | None = None
     scalar_bounds: Mapping[str, tuple[float | str | None, float | str | None]] = field(default_factory=dict)
     returns_sent: bool = False  # a reply returns every prefix array sent down, in its shape (weight averaging)
+
+    def prediction_fields(self) -> list[str]:
+        """The arrays that hold per-class predictions (``probabilities`` or ``logits`` rows): what the
+        Byzantine soft-label attacks change and the privacy mechanism protects."""
+        return [name for name, spec in self.arrays.items() if spec.probabilities or spec.logits]
 
     def validate(self, message: Message, *, where: str, sizes: dict[str, int] | None = None,
                  sent: Message | None = None) -> None:
@@ -219,7 +228,10 @@ def _check_echo(reply: Message, sent: Message, prefixes: Iterable[str], where: s
     for prefix in prefixes:
         down = {n: a for n, a in sent.arrays.items() if n.startswith(prefix)}
         up = {n: a for n, a in reply.arrays.items() if n.startswith(prefix)}
-        missing = sorted(down.keys() - up.keys())
+        missing, extra = sorted(down.keys() - up.keys()), sorted(up.keys() - down.keys())
+        if extra:  # weights are echoed, never added: an unasked array would ride along unchecked
+            raise MessageError(f"{where}: returns '{extra[0]}'{' and more' if len(extra) > 1 else ''}, "
+                               f"which was not sent down")
         if missing:
             raise MessageError(f"{where}: returns {len(down) - len(missing)} of the {len(down)} '{prefix}' arrays "
                                f"sent down (missing '{missing[0]}'{' and more' if len(missing) > 1 else ''})")
@@ -251,6 +263,9 @@ def _check_array(array: np.ndarray, spec: ArrayField, where: str, sizes: dict[st
     if spec.finite and np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise MessageError(f"{where} holds {bad} NaN/Inf values")
+    if spec.magnitude is not None and array.size and float(np.abs(array).max()) > spec.magnitude:
+        raise MessageError(f"{where} holds {float(np.abs(array).max()):.3g}, beyond the magnitude allowed "
+                           f"({spec.magnitude:g})")
     if array.size and (spec.low is not None or spec.below is not None):
         below = _bound(spec.below, sizes)
         if spec.low is not None and array.min() < spec.low:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from .adversaries import DATA_ATTACKS, choose_adversaries, flip_labels
 from .algorithms import get_algorithm
 from .config import ExperimentConfig, load_config
 from .configuration import ConfigError, FieldError, build_dataclass, require
@@ -96,10 +97,25 @@ def prepare(config: ExperimentConfig) -> Prepared:
         eval_every=config.eval_every, compression=config.runtime.compression, leaked_public_labels=leaked,
         on_client_error=config.runtime.on_client_error,
         dropout=config.runtime.dropout, stragglers=config.runtime.stragglers, aggregation=config.aggregation,
-        stateless_clients=stateless,
+        stateless_clients=stateless, **_adversaries(config, data),
     )
     _check_run(spec, algorithm_config, run)
     return Prepared(config=config, run=run, clients=clients)
+
+
+def _adversaries(config: ExperimentConfig, data: Any) -> dict[str, Any]:
+    """The attacking clients (drawn from the seed) and, for a data attack, their poisoned training
+    splits (their test splits stay true, so their own accuracy still means something)."""
+    options = config.adversaries
+    if options.attack == "constant_soft_labels":
+        require(options.constant_class < data.num_classes, "adversaries.constant_class", options.constant_class,
+                f"must name a class of {config.data.dataset} (0..{data.num_classes - 1})")
+    chosen = choose_adversaries(data.num_clients, options, config.seed)
+    if options.attack in DATA_ATTACKS:
+        for client in chosen:
+            data.client_train[client] = flip_labels(data.client_train[client], data.num_classes)
+    return {"adversaries": options, "adversarial_clients": chosen, "privacy": config.privacy,
+            "max_reply_bytes": int(config.runtime.max_reply_mb * 2**20)}
 
 
 def _check_run(spec: Any, algorithm_config: Any, run: RunSpec) -> None:
@@ -168,8 +184,8 @@ def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
                   client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
                   eval_every=config.eval_every, compression=config.runtime.compression,
                   on_client_error=config.runtime.on_client_error,
-        dropout=config.runtime.dropout, stragglers=config.runtime.stragglers, aggregation=config.aggregation,
-                  stateless_clients=config.runtime.client_state == "none")
+                  dropout=config.runtime.dropout, stragglers=config.runtime.stragglers, aggregation=config.aggregation,
+                  stateless_clients=config.runtime.client_state == "none", **_adversaries(config, data))
     if run.stateless_clients:
         raise ConfigError("runtime.client_state='none': HetVQA clients keep their replay memory and adapters between "
                           "rounds (use memory or disk)")

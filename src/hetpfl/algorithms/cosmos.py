@@ -113,6 +113,10 @@ def collapsed(predictions: np.ndarray, targets: np.ndarray) -> bool:
 
 
 class CosmosServer(Server):
+    # each cluster's soft labels: the experiment's aggregation rule (median, trimmed mean) if set, else
+    # ``algorithm.aggregation`` (the paper's sweep: mean, median, max)
+    aggregates = "rows"
+
     def __init__(self, config: CosmosConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
         self.assignment = np.full(setup.num_clients, -1, dtype=np.int64)  # cluster id per client
@@ -183,7 +187,7 @@ class CosmosServer(Server):
         losses, retries = [], 0
         for k in sorted({int(self.assignment[c]) for c in probs}):
             members = [c for c in sorted(probs) if self.assignment[c] == k]
-            target = aggregate_probabilities([probs[c] for c in members], self.config.aggregation)
+            target = aggregate_probabilities([probs[c] for c in members], self.config.aggregation, self.setup.aggregation)
             self.aggregates[k] = target
             if k not in self.models:
                 self.models[k] = self._new_model()
@@ -230,6 +234,13 @@ class CosmosServer(Server):
         return self.assignment.copy()
 
 
+def check_run(config: CosmosConfig, run) -> None:
+    """One rule for the clusters' soft labels: the paper's sweep or the experiment's robust rule."""
+    robust = run.aggregation.rule
+    require(robust == "mean" or config.aggregation == "mean", "aggregation", config.aggregation,
+            f"set one rule for the clusters' soft labels: aggregation.rule={robust!r} is set too")
+
+
 SPEC = AlgorithmSpec(
     name="cosmos",
     config_cls=CosmosConfig,
@@ -239,4 +250,5 @@ SPEC = AlgorithmSpec(
     summary="Clients distill their cluster's server-model pseudo-labels; the server clusters clients by "
     "their public predictions and trains one model per cluster on the cluster's aggregated soft labels.",
     uses_public=True,
+    check_run=check_run,
 )

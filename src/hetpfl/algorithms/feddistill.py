@@ -36,7 +36,7 @@ from ..models.lora import trainable_parameters
 from .base import AlgorithmSpec, ClientContext, Comm, Server
 from .vqa import VQA_EVALUATE, VQAClient, train_on_memory, vqa_modules
 
-LOGITS = ArrayField(dtype="float32", shape=None)
+LOGITS = ArrayField(dtype="float32", shape=None, logits=True, magnitude=1e6)  # answer scores per position
 
 
 @dataclass

@@ -91,7 +91,8 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 PUBLIC_IDX = ArrayField(dtype="int64", shape=("num_public",), low=0, below="num_public_total")
-SCORES = ArrayField(dtype="float32", shape=("num_public", "num_classes"))
+# a network's class scores stay far below 1e6; beyond it a float32 consensus of many clients can overflow
+SCORES = ArrayField(dtype="float32", shape=("num_public", "num_classes"), logits=True, magnitude=1e6)
 
 SPEC = AlgorithmSpec(
     name="fedmd",

@@ -6,18 +6,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .robust import AggregationOptions, combine
+
 AGGREGATIONS = ("mean", "median", "max")
 
 
-def aggregate_probabilities(probs: Sequence[np.ndarray], rule: str = "mean") -> np.ndarray:
+def aggregate_probabilities(probs: Sequence[np.ndarray], rule: str = "mean",
+                            robust: AggregationOptions | None = None) -> np.ndarray:
     """Combine (N, C) probability matrices elementwise; rows are renormalized to sum to 1.
 
     ``mean`` (FedMD's consensus, COSMOS's default), ``median`` (robust to a few outlying clients)
-    or ``max`` (the elementwise maximum; COSMOS's paper sweeps all three as the server input)."""
+    or ``max`` (the elementwise maximum; COSMOS's paper sweeps all three as the server input).
+    ``robust``: the experiment's ``aggregation`` section; a rule other than ``mean`` there (median,
+    trimmed mean: :mod:`robust`) replaces ``rule``."""
     if not probs:
         raise ValueError("aggregate_probabilities needs at least one matrix")
     stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
-    if rule == "mean":
+    if robust is not None and robust.rule != "mean":
+        flat = stack.reshape(len(stack), -1)
+        out = combine(flat, np.ones(len(stack)), robust).reshape(stack.shape[1:])
+    elif rule == "mean":
         out = stack.mean(axis=0)
     elif rule == "median":
         out = np.median(stack, axis=0)

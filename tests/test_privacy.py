@@ -1,0 +1,138 @@
+"""Differential privacy for uploaded predictions (issue #13): the Gaussian mechanism bounds, noises
+and post-processes what leaves a client as documented, Opacus's accountant gives ε, and a run
+reports the privacy spent per round, per client, across a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from conftest import small_config
+
+from hetpfl.clienthost import ClientHost, make_store
+from hetpfl.configuration import ConfigError
+from hetpfl.engine import run_rounds
+from hetpfl.messages import ArrayField, Message, Schema
+from hetpfl.prepare import prepare
+from hetpfl.privacy import PrivacyOptions, epsilon, privatize, sensitivity
+from hetpfl.simulator import InProcessTransport
+
+PROBS = Schema(arrays={"probs": ArrayField(shape=(None, None), probabilities=True)})
+SCORES = Schema(arrays={"scores": ArrayField(shape=(None, None), logits=True)}, scalars={"num_examples": int})
+
+
+def released(reply, schema, client=0, **options):
+    return privatize(reply, schema, PrivacyOptions(mechanism="gaussian", **options), seed=0, client=client, rnd=0,
+                     stage="round")
+
+
+def test_score_rows_are_clipped_and_noised_at_the_sensitivity_of_the_whole_upload():
+    rows = 4000
+    scores = np.zeros((rows, 3), dtype=np.float32)
+    scores[:, 0] = 50.0  # norm 50, clipped to 2
+    out = released(Message({"scores": scores}, {"num_examples": 9}), SCORES, clip=2.0, noise_multiplier=0.01)
+    std = 0.01 * math.sqrt(rows) * 2 * 2.0  # σ · √R · 2·clip
+    noise = out.arrays["scores"] - np.array([2.0, 0.0, 0.0])
+    assert abs(noise.mean()) < 0.1 * std and noise.std() == pytest.approx(std, rel=0.05)
+    assert out.scalars == {"num_examples": 9} and out.arrays["scores"].dtype == np.float32
+
+
+def test_probability_rows_stay_probabilities_and_sensitivity_uses_the_simplex_diameter():
+    assert sensitivity(100, True, clip=5.0) == pytest.approx(10 * math.sqrt(2))
+    assert sensitivity(100, False, clip=5.0) == pytest.approx(100.0)
+    p = np.full((50, 4), 0.25, dtype=np.float32)
+    out = released(Message({"probs": p}), PROBS, noise_multiplier=0.05).arrays["probs"]
+    assert (out >= 0).all() and np.allclose(out.sum(1), 1, atol=1e-5) and not np.allclose(out, p)
+    PROBS.validate(Message({"probs": out}), where="test")
+
+
+def test_the_noise_follows_the_seed_unless_a_deployment_asks_otherwise():
+    s = Message({"scores": np.ones((20, 3), dtype=np.float32)}, {"num_examples": 1})
+    a, b = released(s, SCORES).arrays["scores"], released(s, SCORES).arrays["scores"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, released(s, SCORES, client=1).arrays["scores"])  # each client its own noise
+    c, d = (released(s, SCORES, reproducible_noise=False).arrays["scores"] for _ in range(2))
+    assert not np.array_equal(c, d) and not np.array_equal(a, c)
+
+
+def test_epsilon_is_opacus_rdp_accountant_and_grows_with_releases_and_shrinks_with_noise():
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(5):
+        accountant.step(noise_multiplier=1.3, sample_rate=1.0)
+    assert epsilon(5, 1.3, 1e-5) == pytest.approx(accountant.get_epsilon(delta=1e-5))
+    assert epsilon(0, 1.3, 1e-5) == 0.0
+    assert epsilon(1, 1.3, 1e-5) < epsilon(5, 1.3, 1e-5) and epsilon(5, 2.0, 1e-5) < epsilon(5, 1.3, 1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"algorithm": "fedavg", "privacy.mechanism": "gaussian"},
+     "privacy.mechanism='gaussian': fedavg uploads no predictions to protect"),
+    ({"algorithm": "feddistill", "privacy.mechanism": "gaussian"},  # a guarantee covers the whole upload
+     "privacy.mechanism='gaussian': feddistill also uploads train.num_examples, which the mechanism does not cover"),
+    ({"privacy.mechanism": "gaussian", "privacy.noise_multiplier": 0}, "privacy.noise_multiplier=0"),
+    ({"privacy.mechanism": "laplace"}, "privacy.mechanism='laplace': expected one of none, gaussian"),
+    ({"privacy.mechanism": "gaussian", "privacy.delta": 1}, "privacy.delta=1"),
+])
+def test_a_mechanism_the_run_cannot_use_fails_at_config_time(overrides, message):
+    algorithm = overrides.pop("algorithm", "cosmos")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        small_config(algorithm, **overrides)
+
+
+class UploadRecorder(InProcessTransport):
+    def __init__(self, host):
+        super().__init__(host)
+        self.uploads = {}
+
+    def exchange(self, stage, rnd, messages):
+        result = super().exchange(stage, rnd, messages)
+        if stage == "round":
+            self.uploads[rnd] = {c: m.arrays["probs"] for c, m in result.replies.items()}
+        return result
+
+
+def run_cosmos(**overrides):
+    run = prepare(small_config("cosmos", **{"rounds": 3, "participation": 0.5, **overrides})).run
+    transport = UploadRecorder(ClientHost(run, make_store("memory")))
+    rows = []
+    return run, transport, run_rounds(run, transport, on_round=rows.append), rows
+
+
+def test_a_run_reports_each_clients_privacy_spent_from_the_uploads_that_left_it():
+    run, noisy, summary, rows = run_cosmos(**{"privacy.mechanism": "gaussian", "privacy.noise_multiplier": 0.5})
+    _, clean, _, _ = run_cosmos()
+    uploads = [sum(c in noisy.uploads[r] for r in noisy.uploads) for c in range(run.num_clients)]
+    privacy = summary["privacy"]
+    assert privacy["releases_by_client"] == uploads and len(set(uploads)) > 1  # participation 0.5: counts differ
+    assert privacy["epsilon_by_client"] == [epsilon(k, 0.5, 1e-5) for k in uploads]
+    assert privacy["epsilon_max"] == max(privacy["epsilon_by_client"]) > 0
+    spent = [row["privacy_epsilon"] for row in rows]
+    assert spent == sorted(spent) and spent[-1] == privacy["epsilon_max"]
+    for client, probs in noisy.uploads[0].items():  # what left a client is noised, and still probabilities
+        assert not np.allclose(probs, clean.uploads[0][client]) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_privacy_spent_survives_a_resume(tmp_path):
+    from hetpfl.experiment import run_experiment
+
+    overrides = {"rounds": 3, "participation": 0.5, "privacy.mechanism": "gaussian", "runtime.checkpoint_every": 1}
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_round_1(row):
+        if row["round"] == 1:
+            raise Crash
+
+    whole = run_experiment(small_config("cosmos", **overrides), tmp_path / "whole")
+    with pytest.raises(Crash):
+        run_experiment(small_config("cosmos", **overrides), tmp_path / "cut", on_round=crash_in_round_1)
+    resumed = run_experiment(small_config("cosmos", **overrides), tmp_path / "cut", resume=True)
+    assert resumed["privacy"] == whole["privacy"]
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert json.loads((tmp_path / "whole" / "summary.json").read_text())["privacy"]["epsilon_max"] > 0
