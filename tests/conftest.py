@@ -38,3 +38,22 @@ def small_config(algorithm: str = "fedmd", **overrides):
         "client": {"local_epochs": 2, "batch_size": 32, "lr": 0.003},
     }
     return load_config(base=base, overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def recording_transport(host):
+    """The simulator's transport, keeping every exchange: ``sent[stage][rnd]`` and
+    ``replies[stage][rnd]`` ({client: Message}) — what went down and what reached the server."""
+    from hetpfl.simulator import InProcessTransport
+
+    class RecordingTransport(InProcessTransport):
+        def __init__(self):
+            super().__init__(host)
+            self.sent, self.replies = {}, {}
+
+        def exchange(self, stage, rnd, messages):
+            self.sent.setdefault(stage, {})[rnd] = dict(messages)
+            result = super().exchange(stage, rnd, messages)
+            self.replies.setdefault(stage, {})[rnd] = dict(result.replies)
+            return result
+
+    return RecordingTransport()

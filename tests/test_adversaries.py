@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import recording_transport, small_config
 
 from hetpfl.adversaries import AdversaryOptions, choose_adversaries, tamper
 from hetpfl.clienthost import ClientHost, make_store
@@ -106,29 +106,15 @@ def test_honest_figures_leave_the_attackers_out():
     assert set(honest) == {f"honest_{m}_acc_{s}" for m in ("personalized", "server") for s in ("mean", "std", "worst10")}
 
 
-class Recorder(InProcessTransport):
-    """Keeps what reached the server (the attack happens on the client, before the transport)."""
-
-    def __init__(self, host):
-        super().__init__(host)
-        self.uploads = {}
-
-    def exchange(self, stage, rnd, messages):
-        result = super().exchange(stage, rnd, messages)
-        if stage != "evaluate":
-            self.uploads[rnd] = result.replies
-        return result
-
-
 def test_an_attacking_client_uploads_the_attack_and_the_summary_names_it():
     config = small_config("cosmos", **{"rounds": 1, "adversaries.attack": "constant_soft_labels",
                                        "adversaries.fraction": 0.34, "adversaries.constant_class": 3})
     run = prepare(config).run
-    transport = Recorder(ClientHost(run, make_store("memory")))
+    transport = recording_transport(ClientHost(run, make_store("memory")))
     summary = run_rounds(run, transport)
     assert summary["adversarial_clients"] == list(run.adversarial_clients) and len(run.adversarial_clients) == 2
     assert summary["attack"] == "constant_soft_labels"
-    for client, reply in transport.uploads[0].items():
+    for client, reply in transport.replies["round"][0].items():
         hot = (reply.arrays["probs"].argmax(1) == 3).all() and (reply.arrays["probs"].max(1) == 1).all()
         assert hot == (client in run.adversarial_clients), client
     assert "honest_server_acc_mean" in summary["final"] and "honest_personalized_acc_mean" in summary["final"]
@@ -142,22 +128,6 @@ def test_a_clean_run_is_unchanged_by_the_section():
     assert zero.adversarial_clients == () and a["final"] == b["final"] and "adversarial_clients" not in b
 
 
-class ConsensusRecorder(InProcessTransport):
-    """Keeps FedMD's uploaded scores and the consensus each round sends down."""
-
-    def __init__(self, host):
-        super().__init__(host)
-        self.scores, self.consensus = {}, {}
-
-    def exchange(self, stage, rnd, messages):
-        if stage == "digest_revisit":
-            self.consensus[rnd] = next(iter(messages.values())).arrays["consensus"]
-        result = super().exchange(stage, rnd, messages)
-        if stage == "communicate":
-            self.scores[rnd] = {c: m.arrays["scores"] for c, m in result.replies.items()}
-        return result
-
-
 def test_fedmd_with_a_robust_consensus_stays_with_the_honest_scores_where_the_mean_follows_the_attack():
     def agreement(rule):
         """Share of public inputs whose consensus class (last round) is the honest clients' mean class."""
@@ -165,10 +135,12 @@ def test_fedmd_with_a_robust_consensus_stays_with_the_honest_scores_where_the_me
                                           "adversaries.attack": "constant_soft_labels", "adversaries.fraction": 0.3,
                                           "aggregation.rule": rule, "aggregation.trim_fraction": 0.3})
         run = prepare(config).run
-        transport = ConsensusRecorder(ClientHost(run, make_store("memory")))
+        transport = recording_transport(ClientHost(run, make_store("memory")))
         run_rounds(run, transport)
-        honest = np.mean([s for c, s in transport.scores[2].items() if c not in run.adversarial_clients], axis=0)
-        return float((transport.consensus[2].argmax(1) == honest.argmax(1)).mean())
+        scores = {c: m.arrays["scores"] for c, m in transport.replies["communicate"][2].items()}
+        consensus = next(iter(transport.sent["digest_revisit"][2].values())).arrays["consensus"]
+        honest = np.mean([s for c, s in scores.items() if c not in run.adversarial_clients], axis=0)
+        return float((consensus.argmax(1) == honest.argmax(1)).mean())
 
     mean, median, trimmed = agreement("mean"), agreement("median"), agreement("trimmed_mean")
     assert mean < 0.2  # three clients of ten naming class 0 at full confidence take the mean's consensus

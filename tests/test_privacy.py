@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import recording_transport, small_config
 
 from hetpfl.clienthost import ClientHost, make_store
 from hetpfl.configuration import ConfigError
@@ -18,7 +18,6 @@ from hetpfl.engine import run_rounds
 from hetpfl.messages import ArrayField, Message, Schema
 from hetpfl.prepare import prepare
 from hetpfl.privacy import PrivacyOptions, epsilon, privatize, sensitivity
-from hetpfl.simulator import InProcessTransport
 
 PROBS = Schema(arrays={"probs": ArrayField(shape=(None, None), probabilities=True)})
 SCORES = Schema(arrays={"scores": ArrayField(shape=(None, None), logits=True)}, scalars={"num_examples": int})
@@ -84,21 +83,9 @@ def test_a_mechanism_the_run_cannot_use_fails_at_config_time(overrides, message)
         small_config(algorithm, **overrides)
 
 
-class UploadRecorder(InProcessTransport):
-    def __init__(self, host):
-        super().__init__(host)
-        self.uploads = {}
-
-    def exchange(self, stage, rnd, messages):
-        result = super().exchange(stage, rnd, messages)
-        if stage == "round":
-            self.uploads[rnd] = {c: m.arrays["probs"] for c, m in result.replies.items()}
-        return result
-
-
 def run_cosmos(**overrides):
     run = prepare(small_config("cosmos", **{"rounds": 3, "participation": 0.5, **overrides})).run
-    transport = UploadRecorder(ClientHost(run, make_store("memory")))
+    transport = recording_transport(ClientHost(run, make_store("memory")))
     rows = []
     return run, transport, run_rounds(run, transport, on_round=rows.append), rows
 
@@ -106,15 +93,18 @@ def run_cosmos(**overrides):
 def test_a_run_reports_each_clients_privacy_spent_from_the_uploads_that_left_it():
     run, noisy, summary, rows = run_cosmos(**{"privacy.mechanism": "gaussian", "privacy.noise_multiplier": 0.5})
     _, clean, _, _ = run_cosmos()
-    uploads = [sum(c in noisy.uploads[r] for r in noisy.uploads) for c in range(run.num_clients)]
+    rounds = noisy.replies["round"]
+    uploads = [sum(c in rounds[r] for r in rounds) for c in range(run.num_clients)]
     privacy = summary["privacy"]
     assert privacy["releases_by_client"] == uploads and len(set(uploads)) > 1  # participation 0.5: counts differ
     assert privacy["epsilon_by_client"] == [epsilon(k, 0.5, 1e-5) for k in uploads]
     assert privacy["epsilon_max"] == max(privacy["epsilon_by_client"]) > 0
     spent = [row["privacy_epsilon"] for row in rows]
     assert spent == sorted(spent) and spent[-1] == privacy["epsilon_max"]
-    for client, probs in noisy.uploads[0].items():  # what left a client is noised, and still probabilities
-        assert not np.allclose(probs, clean.uploads[0][client]) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    for client, reply in rounds[0].items():  # what left a client is noised, and still probabilities
+        probs = reply.arrays["probs"]
+        assert not np.allclose(probs, clean.replies["round"][0][client].arrays["probs"])
+        assert np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
 def test_privacy_spent_survives_a_resume(tmp_path):

@@ -64,21 +64,18 @@ def choose_adversaries(num_clients: int, options: AdversaryOptions, seed: int) -
 
 def check_attack(options: AdversaryOptions, schemas: dict, task_kind: str, method: str) -> None:
     """Refuse an attack the method gives no way in for (FieldError naming ``adversaries.attack``)."""
-    if not options.active:
+    meets = available_attacks(schemas, task_kind)
+    if not options.active or options.attack in meets:
         return
     attack = options.attack
-    ups = [stage.up for stage in schemas.values()]
-    if attack in DATA_ATTACKS and task_kind != "classification":
-        raise FieldError("adversaries.attack", attack, f"flips class labels; {method} learns {task_kind} data")
-    if attack in SOFT_LABEL_ATTACKS and not any(up.prediction_fields() for up in ups):
-        raise FieldError("adversaries.attack", attack, f"{method} uploads no soft labels (attacks it can meet: "
-                         f"{', '.join(available_attacks(schemas, task_kind))})")
-    if attack in UPDATE_ATTACKS and not any(up.returns_sent for up in ups):
-        raise FieldError("adversaries.attack", attack, f"{method} returns no weights it was sent (attacks it can "
-                         f"meet: {', '.join(available_attacks(schemas, task_kind))})")
+    reason = (f"flips class labels; {method} learns {task_kind} data" if attack in DATA_ATTACKS else
+              f"{method} uploads no soft labels" if attack in SOFT_LABEL_ATTACKS else
+              f"{method} returns no weights it was sent")
+    raise FieldError("adversaries.attack", attack, f"{reason} (attacks it can meet: {', '.join(meets) or 'none'})")
 
 
 def available_attacks(schemas: dict, task_kind: str) -> list[str]:
+    """The attacks a method's uploads give a way in for (its stages' upload schemas)."""
     ups = [stage.up for stage in schemas.values()]
     out = list(DATA_ATTACKS) if task_kind == "classification" else []
     if any(up.prediction_fields() for up in ups):

@@ -233,9 +233,9 @@ class ClientHost:
         sent = decompress(message)
         reply = self.client.handle(stage, _read_only(sent), ctx)
         self.store.put(client_id, self._record(modules, ctx.state))
-        return compress(self._attacked(client_id, stage, rnd, sent, reply), self.run.compression)
+        return compress(self._upload(client_id, stage, rnd, sent, reply), self.run.compression)
 
-    def _attacked(self, client: int, stage: str, rnd: int, sent: Message, reply: Message) -> Message:
+    def _upload(self, client: int, stage: str, rnd: int, sent: Message, reply: Message) -> Message:
         """What the client uploads: its reply through the privacy mechanism if the run has one
         (privacy.py), and, for a client of the run's adversaries, the attack's version of it
         (adversaries.py; an attacker adds no noise). Evaluation replies are measurements: untouched."""
@@ -270,4 +270,4 @@ class ClientHost:
         replies = many({c: _read_only(sent[c]) for c in clients}, ctxs)
         for client, ctx in ctxs.items():
             self.store.put(client, self._record(ctx.modules, ctx.state))
-        return {c: compress(self._attacked(c, stage, rnd, sent[c], replies[c]), self.run.compression) for c in clients}
+        return {c: compress(self._upload(c, stage, rnd, sent[c], replies[c]), self.run.compression) for c in clients}

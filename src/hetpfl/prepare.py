@@ -97,15 +97,15 @@ def prepare(config: ExperimentConfig) -> Prepared:
         eval_every=config.eval_every, compression=config.runtime.compression, leaked_public_labels=leaked,
         on_client_error=config.runtime.on_client_error,
         dropout=config.runtime.dropout, stragglers=config.runtime.stragglers, aggregation=config.aggregation,
-        stateless_clients=stateless, **_adversaries(config, data),
+        stateless_clients=stateless, **_safeguards(config, data),
     )
     _check_run(spec, algorithm_config, run)
     return Prepared(config=config, run=run, clients=clients)
 
 
-def _adversaries(config: ExperimentConfig, data: Any) -> dict[str, Any]:
-    """The attacking clients (drawn from the seed) and, for a data attack, their poisoned training
-    splits (their test splits stay true, so their own accuracy still means something)."""
+def _safeguards(config: ExperimentConfig, data: Any) -> dict[str, Any]:
+    """The run's threat settings: the attacking clients (drawn from the seed; for a data attack their
+    training splits are poisoned, their test splits stay true), the privacy mechanism and the reply cap."""
     options = config.adversaries
     if options.attack == "constant_soft_labels":
         require(options.constant_class < data.num_classes, "adversaries.constant_class", options.constant_class,
@@ -185,7 +185,7 @@ def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
                   eval_every=config.eval_every, compression=config.runtime.compression,
                   on_client_error=config.runtime.on_client_error,
                   dropout=config.runtime.dropout, stragglers=config.runtime.stragglers, aggregation=config.aggregation,
-                  stateless_clients=config.runtime.client_state == "none", **_adversaries(config, data))
+                  stateless_clients=config.runtime.client_state == "none", **_safeguards(config, data))
     if run.stateless_clients:
         raise ConfigError("runtime.client_state='none': HetVQA clients keep their replay memory and adapters between "
                           "rounds (use memory or disk)")
