@@ -89,6 +89,7 @@ def test_missing_and_malformed_files(tmp_path):
         ("client.lr=0", "client.lr=0.0: must be > 0"),
         ("client.momentum=1.0", "client.momentum=1.0: must be in [0, 1)"),
         ("client.max_grad_norm=0", "client.max_grad_norm=0.0: must be > 0"),
+        ("client.local_steps=0", "client.local_steps=0: must be >= 1"),
         ("client.augment=rotate", "client.augment='rotate': expected one of none, crop_flip, flip"),
         ("data.mix_fraction=2", "data.mix_fraction=2.0: must be in [0, 1]"),
         ("data.drift.scheme=sudden", "data.drift.scheme='sudden': expected one of none, class_incremental"),

@@ -55,6 +55,12 @@ def test_fractional_epochs_take_proportional_steps():
     assert fit(_net(), x, y, epochs=2, batch_size=32)["steps"] == 20
 
 
+def test_fixed_steps_override_epochs_whatever_the_data_size():
+    for n in (20, 320, 1000):
+        x, y = _blobs(n=n)
+        assert fit(_net(), x, y, epochs=1, steps=10, batch_size=64)["steps"] == 10
+
+
 def test_distill_moves_student_towards_teacher():
     x, y = _blobs()
     teacher = _net(seed=1)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import small_config
+
 from hetpfl.algorithms.fedbn import batchnorm_keys
 from hetpfl.clienthost import ClientHost
 from hetpfl.configuration import ConfigError
@@ -145,3 +147,25 @@ def test_bad_hyperparameters_fail_before_training_naming_the_key(override, key):
     name = "fedprox" if key == "algorithm.mu" else "fedrs"
     with pytest.raises(ConfigError, match=rf"^{key}="):
         config(name, **override)
+
+
+def test_local_steps_give_every_client_the_same_number_of_steps_whatever_its_size(monkeypatch, tmp_path):
+    """``client.local_steps`` (Mosaic's and DFRD's I = 10) fixes the steps per round; without it a
+    client's steps follow its data size (``local_epochs`` passes)."""
+    import hetpfl.learn as learn
+
+    taken: list[int] = []
+    real_fit = learn.fit
+
+    def counting_fit(*args, **kwargs):
+        result = real_fit(*args, **kwargs)
+        taken.append(int(result["steps"]))
+        return result
+
+    monkeypatch.setattr(learn, "fit", counting_fit)
+    overrides = {"models.clients": ["mlp"], "rounds": 1, "data.dirichlet_alpha": 0.1}
+    run_experiment(small_config("fedavg", **overrides, **{"client.local_steps": 3}), tmp_path / "steps")
+    assert taken == [3] * 6
+    taken.clear()
+    run_experiment(small_config("fedavg", **overrides), tmp_path / "epochs")
+    assert len(taken) == 6 and len(set(taken)) > 1

@@ -56,6 +56,9 @@ class ClientTraining(OptimOptions):
     """
 
     local_epochs: float = option(1.0, ge=0)
+    # when set, every client takes exactly this many optimizer steps per round whatever its size
+    # (Mosaic's and DFRD's code: I = 10); None: ``local_epochs`` passes over the client's data
+    local_steps: int | None = option(None, ge=1)
     batch_size: int = option(32, ge=1)
     augment: str = option("none", choices=AUGMENTATIONS)
 
@@ -387,7 +390,8 @@ def train_locally(ctx: ClientContext, epochs: float | None = None, *, model: nn.
     shared routine's (e.g. a fine-tuning phase); ``params``: a subset to update (e.g. a
     head); ``loss_fn(logits, labels)``: the data term (default cross-entropy); ``penalty()``: a term
     added to every step; ``stream``: the key of the random stream (shuffles, augmentation) — two
-    trainings in one stage use two keys."""
+    trainings in one stage use two keys. ``epochs`` given: that many passes; otherwise the shared
+    schedule (``client.local_steps`` steps when set, else ``client.local_epochs`` passes)."""
     from ..learn import cross_entropy, fit  # noqa: PLC0415
 
     return fit(
@@ -395,6 +399,7 @@ def train_locally(ctx: ClientContext, epochs: float | None = None, *, model: nn.
         ctx.train.x,
         ctx.train.y,
         epochs=ctx.training.local_epochs if epochs is None else epochs,
+        steps=ctx.training.local_steps if epochs is None else None,
         batch_size=ctx.training.batch_size,
         optim=ctx.training.optim(lr),
         generator=ctx.generator(stream),

@@ -109,8 +109,10 @@ def receive(ctx: ClientContext) -> int:
 
 def local_steps(ctx: ClientContext, fraction: float = 1.0) -> int:
     """Optimizer steps of one local training: ``local_epochs`` passes' worth over this round's
-    arrivals, times ``fraction`` (a method that runs several passes per step takes fewer steps, as
-    FedMosaic's code equalizes compute), at least one."""
+    arrivals (or ``local_steps`` when set), times ``fraction`` (a method that runs several passes per
+    step takes fewer steps, as FedMosaic's code equalizes compute), at least one."""
+    if ctx.training.local_steps is not None:
+        return max(1, math.ceil(fraction * ctx.training.local_steps))
     return max(1, math.ceil(fraction * ctx.training.local_epochs * len(ctx.train) / ctx.training.batch_size))
 
 

@@ -15,12 +15,14 @@ from .options import OptimOptions
 from .tensors import as_input_tensor, as_tensor, augment_batch, check_augment
 
 
-def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: float = 1.0, batch_size: int = 32,
+def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: float = 1.0, steps: int | None = None,
+        batch_size: int = 32,
         optim: OptimOptions = OptimOptions(), generator: torch.Generator | None = None,
         augment: str = "none", params: Iterable[torch.Tensor] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
         penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """Supervised training on (x, y). Fractional ``epochs`` train that share of one pass.
+    """Supervised training on (x, y). Fractional ``epochs`` train that share of one pass; ``steps``
+    (when given) fixes the number of optimizer steps instead, passes repeating as needed.
 
     ``params``: the parameters to update (default: all of ``model``'s, e.g. a head only);
     ``loss_fn(logits, labels)``: the data term (default cross-entropy); ``penalty()``: a term added
@@ -34,7 +36,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: float = 1.0, 
         value = loss_fn(model(augment_batch(xt[idx], augment, generator)), yt[idx])
         return value if penalty is None else value + penalty()
 
-    batches = IndexBatches(len(xt), batch_size, epochs=epochs, generator=generator)
+    batches = IndexBatches(len(xt), batch_size, epochs=epochs, steps=steps, generator=generator)
     return optimize(Objective(loss, model if params is None else params, optim, train=(model,)), batches)
 
 
