@@ -3,14 +3,17 @@
 150 and 600 steps) against the global model, on 2,000 test images. MNIST alpha 0.1, 3,000 private
 images; generators are skipped (the meta model does not read them). A few minutes on 1 core.
 
-Usage: .venv/bin/python benchmarks/diag_mosaic_teacher.py [key=value ...]
+Usage: .venv/bin/python benchmarks/diag_mosaic_teacher.py [--rounds N] [key=value ...]
        (e.g. client.optimizer=sgd client.lr=0.05 client.momentum=0.9)
+The code's client schedule (I = 10 plain SGD steps at lr 0.01, batch 64, weight decay 1e-4) from a
+converged model: ``--rounds 200 client.optimizer=sgd client.lr=0.01 client.momentum=0
+client.weight_decay=0.0001 client.local_steps=10 client.batch_size=64``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import sys
 
 import torch
 
@@ -20,15 +23,14 @@ from hetpfl.experiment import load_config, prepare
 from hetpfl.learn import LogitEnsemble, evaluate
 from hetpfl.simulator import InProcessTransport
 
-ROUNDS = 8
 
 
-def main(overrides: list[str]) -> None:
+def main(rounds: int, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     config = load_config("configs/mosaic/mnist/a0.1/homogeneous/mosaic.yaml", [
-        "data.max_train_samples=3000", f"rounds={ROUNDS + 1}", f"algorithm.warmup_rounds={ROUNDS + 1}",
+        "data.max_train_samples=3000", f"rounds={rounds + 1}", f"algorithm.warmup_rounds={rounds + 1}",
         "algorithm.generator_epochs=0.01", "algorithm.generator_min_steps=0", "algorithm.classifier_epochs=0",
-        "algorithm.prototype_rounds=4", *overrides])
+        f"algorithm.prototype_rounds={max(4, rounds // 5)}", *overrides])
     run = prepare(config).run
     server, host = run.make_server(), ClientHost(run)
     x, y = run.data.global_test.x[:2000], run.data.global_test.y[:2000]
@@ -36,11 +38,12 @@ def main(overrides: list[str]) -> None:
     def acc(model: torch.nn.Module) -> float:
         return evaluate(model, x, y)["accuracy"]
 
-    for rnd in range(ROUNDS):  # warm-up ends after round ROUNDS: no distillation happens here
+    for rnd in range(rounds):  # warm-up ends after the last round: no distillation happens here
         server.round(rnd, list(range(run.num_clients)), RoundComm(run, InProcessTransport(host), rnd,
                                                                   Ledger(run.num_clients)))
-        print(f"round {rnd}: global {acc(server.global_model):.3f}, prototypes {len(server.prototype_labels)}",
-              flush=True)
+        if rnd % max(1, rounds // 10) == 0 or rnd == rounds - 1:
+            print(f"round {rnd}: global {acc(server.global_model):.3f}, prototypes {len(server.prototype_labels)}",
+                  flush=True)
     experts = server.expert_models()
     print("experts:", " ".join(f"{acc(e):.3f}" for e in experts))
     print(f"plain average of the experts: {acc(LogitEnsemble(experts).eval()):.3f}")
@@ -51,4 +54,8 @@ def main(overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8, help="FedAvg rounds before the teacher is built")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args()
+    main(args.rounds, args.overrides)

@@ -1,7 +1,7 @@
 """The differential-privacy table of docs/results.md (issue #13): accuracy against the privacy spent
 (ε at δ = 1e-5, client level) for COSMOS and FedMD, sweeping the Gaussian mechanism's noise multiplier.
 
-    .venv/bin/python benchmarks/privacy_table.py runs/privacy            # run what is missing, print
+    .venv/bin/python benchmarks/privacy_table.py runs/privacy --seeds 0 1 2   # run what is missing, print
 
 The setting is the Byzantine table's (``configs/byzantine/<method>.yaml``: digits, 20 clients in 5
 label groups, 8 rounds). Resumable: each run is a results folder ``<out>/<method>/sigma<σ>/seed<S>``,
@@ -17,6 +17,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from hetpfl.config import load_config
 from hetpfl.experiment import run_experiment
@@ -44,18 +46,21 @@ def ensure(folder: Path, method: str, sigma: float, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     lines = ["| noise multiplier σ | ε (δ = 1e-5) | COSMOS | FedMD |", "|---:|---:|---:|---:|"]
     for sigma in NOISE:
         cells, eps = [], "∞ (no mechanism)"
         for method in ("cosmos", "fedmd"):
-            summary = ensure(args.out / method / f"sigma{sigma:g}" / f"seed{args.seed}", method, sigma, args.seed)
-            cells.append(f"{100 * summary['final'][MEASURE[method]]:.1f}")
-            if "privacy" in summary:
-                eps = f"{summary['privacy']['epsilon_max']:.3g}"
+            figures = []
+            for seed in args.seeds:
+                summary = ensure(args.out / method / f"sigma{sigma:g}" / f"seed{seed}", method, sigma, seed)
+                figures.append(100 * summary["final"][MEASURE[method]])
+                if "privacy" in summary:  # the same for every seed: it depends on σ, rounds and δ only
+                    eps = f"{summary['privacy']['epsilon_max']:.3g}"
+            cells.append(f"{np.mean(figures):.1f} ± {np.std(figures):.1f}" if len(figures) > 1 else f"{figures[0]:.1f}")
         lines.append(f"| {sigma:g} | {eps} | " + " | ".join(cells) + " |")
-    print(f"seed {args.seed}; accuracy in percent")
+    print(f"seeds {' '.join(map(str, args.seeds))}; accuracy in percent, mean ± std over seeds")
     print("\n".join(lines))
 
 

@@ -53,7 +53,7 @@ from ..learn import (
     train_gan,
 )
 from ..messages import ArrayField, Message, Schema, StageSchema
-from ..models import MixtureTeacher, ModuleSpec, generator_spec
+from ..models import META_EXPANSIONS, MixtureTeacher, ModuleSpec, generator_spec
 from ..models.width import WIDTH_MODES
 from .base import AlgorithmSpec, ClientContext, Comm, ServerSetup, train_locally, weight_fields
 from .experts import class_prototypes, penultimate_features
@@ -96,6 +96,8 @@ class MosaicConfig(HeteroFLConfig):
     meta_lr: float = option(1e-3, gt=0)
     meta_batch_size: int = option(128, ge=1)
     meta_dropout: float = option(0.2, ge=0, lt=1)
+    meta_feedforward: int = option(2048, ge=1)  # the Transformer's feed-forward width (code: torch's default)
+    meta_expansion: str = option("shared", choices=META_EXPANSIONS)  # one token Linear for all experts (code)
     ema_decay: float = option(0.99, ge=0, le=1)
     # -- distillation -------------------------------------------------------------------------------
     kd_steps: int = option(300, ge=0)  # code: 1500 (2500 for alpha 0.1 and 1.0)
@@ -262,8 +264,10 @@ class MosaicServer(HeteroFLServer):
         c = self.config
         if c.teacher == "average":
             return LogitEnsemble(experts), float("nan")
-        meta = self.setup.build_model("moe_meta", "meta", num_experts=len(experts), dropout=c.meta_dropout)
-        ema = self.setup.build_model("moe_meta", "meta", num_experts=len(experts), dropout=c.meta_dropout)
+        shape = {"num_experts": len(experts), "dropout": c.meta_dropout, "dim_feedforward": c.meta_feedforward,
+                 "expansion": c.meta_expansion}
+        meta = self.setup.build_model("moe_meta", "meta", **shape)
+        ema = self.setup.build_model("moe_meta", "meta", **shape)
         ema.load_state_dict(meta.state_dict())
         student, teacher = MixtureTeacher(experts, meta), MixtureTeacher(experts, ema.eval())
         inputs, labels, read = self.meta_inputs(experts, gens)

@@ -7,7 +7,7 @@ builds the generators and discriminators of :mod:`.generative` (``AUXILIARY_ARCH
 
 from .base import INPUT_KINDS
 from .generative import Discriminator, Generator
-from .teachers import MetaModel, MixtureTeacher
+from .teachers import META_EXPANSIONS, MetaModel, MixtureTeacher
 from .lora import GATES, LoRALinear, adapter_state, add_lora, load_adapter_state, lora_layers, trainable_parameters
 from .vlm import VisionLanguageModel, greedy_answer
 from .registry import (
@@ -50,6 +50,7 @@ __all__ = [
     "trainable_parameters",
     "VisionLanguageModel",
     "greedy_answer",
+    "META_EXPANSIONS",
     "MetaModel",
     "MixtureTeacher",
     "WIDTH_MODES",

@@ -166,7 +166,7 @@ AUXILIARY_ARCHITECTURES: dict[str, ArchSpec] = {
                  "MLP discriminator: 4*ndf, 2*ndf LeakyReLU 0.2 layers, one real/fake logit", _BOTH,
                  kind="discriminator"),
         ArchSpec("moe_meta", "moe",
-                 "Mosaic's meta model: per-expert linear expansion of each expert's logits to a token, "
+                 "Mosaic's meta model: one linear expansion (shared, or per expert) of each expert's logits to a token, "
                  "Transformer (1 encoder + 1 decoder layer), sum over tokens, linear to class logits",
                  ("image", "vector", "tokens"), kind="teacher"),
     )

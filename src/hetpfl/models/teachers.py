@@ -2,9 +2,12 @@
 
 * :class:`MetaModel` (registry name ``moe_meta``): a small Transformer that reads the experts'
   logit vectors — one token per expert — and returns class logits. Mosaic's official code: each
-  expert's C logits are expanded by a per-expert linear layer to ``d_model`` (C² for 10 classes),
-  go through ``nn.Transformer`` (1 encoder + 1 decoder layer, ``nhead`` heads, dropout 0.2, source
-  = target = the expert tokens), are summed over tokens and mapped to C logits.
+  expert's C logits are expanded by one linear layer shared by all experts (``fc_expand``, applied
+  to the (C, C) block) to ``d_model`` (C² for 10 classes), go through ``nn.Transformer`` (1 encoder
+  + 1 decoder layer, ``nhead`` heads, dropout 0.2, torch's default feed-forward width 2048, source =
+  target = the expert tokens, no positional encoding), are summed over tokens and mapped to C
+  logits. With a shared expansion and no positions the meta model is a function of the *set* of
+  expert predictions; ``expansion="per_expert"`` gives each expert its own layer (its identity).
 * :class:`MixtureTeacher`: experts + a meta model as one ``nn.Module``, so ``predict_proba`` and the
   distillation routines use it like any classifier. On inputs it runs every expert whole; on
   penultimate features (Mosaic's prototypes) only their heads (:meth:`from_features`).
@@ -19,7 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MetaModel", "MixtureTeacher"]
+__all__ = ["META_EXPANSIONS", "MetaModel", "MixtureTeacher"]
+
+META_EXPANSIONS = ("shared", "per_expert")  # MetaModel's token expansion (the code: shared)
 
 
 class MetaModel(nn.Module):
@@ -27,7 +32,7 @@ class MetaModel(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_experts: int | None = None,
                  d_model: int | None = None, nhead: int | None = None, dropout: float = 0.2,
-                 arch: str = "moe_meta") -> None:
+                 dim_feedforward: int = 2048, expansion: str = "shared", arch: str = "moe_meta") -> None:
         super().__init__()
         self.num_experts = int(num_experts if num_experts is not None else num_classes)
         self.num_classes = int(num_classes)
@@ -36,12 +41,14 @@ class MetaModel(nn.Module):
         d_model = int(d_model if d_model is not None else num_classes * num_classes)
         if self.num_experts < 1 or d_model < 1 or nhead < 1 or d_model % nhead:
             raise ValueError(f"{arch}: needs num_experts >= 1 and d_model ({d_model}) divisible by nhead ({nhead})")
-        # one expansion per expert: its logits become its token (the code's per-expert Linear C -> d)
-        self.expand = nn.Parameter(torch.empty(self.num_experts, num_classes, d_model))
-        self.expand_bias = nn.Parameter(torch.zeros(self.num_experts, d_model))
-        nn.init.xavier_uniform_(self.expand.view(-1, d_model))
+        if expansion not in META_EXPANSIONS:
+            raise ValueError(f"{arch}: expansion={expansion!r} (allowed: {', '.join(META_EXPANSIONS)})")
+        # each expert's logits become its token: one Linear C -> d for all (the code) or one per expert
+        self.expansion = expansion
+        self.expand = (nn.Linear(num_classes, d_model) if expansion == "shared"
+                       else nn.ModuleList(nn.Linear(num_classes, d_model) for _ in range(self.num_experts)))
         self.transformer = nn.Transformer(d_model=d_model, nhead=nhead, num_encoder_layers=1, num_decoder_layers=1,
-                                          dim_feedforward=2 * d_model, dropout=dropout, batch_first=True)
+                                          dim_feedforward=dim_feedforward, dropout=dropout, batch_first=True)
         self.out = nn.Linear(d_model, num_classes)
         self.arch = arch
 
@@ -53,7 +60,10 @@ class MetaModel(nn.Module):
         if expert_logits.dim() != 3 or expert_logits.shape[1:] != (self.num_experts, self.num_classes):
             raise ValueError(f"MetaModel expects (B, {self.num_experts}, {self.num_classes}) expert logits, "
                              f"got {tuple(expert_logits.shape)}")
-        tokens = torch.einsum("bec,ecd->bed", expert_logits, self.expand) + self.expand_bias
+        if self.expansion == "shared":
+            tokens = self.expand(expert_logits)
+        else:
+            tokens = torch.stack([layer(expert_logits[:, e]) for e, layer in enumerate(self.expand)], dim=1)
         return self.out(self.transformer(tokens, tokens).sum(dim=1))
 
 
