@@ -183,7 +183,7 @@ class ExperimentConfig(Validated):
         spec = _algorithm_spec(self.algorithm["name"])
         self.algorithm = {"name": spec.name, **to_plain(self.algorithm_config())}
         rule, kind = self.aggregation.rule, spec.server_cls.aggregates
-        allowed = {"weights": WEIGHT_RULES, "rows": ROW_RULES}.get(kind, ("mean",))
+        allowed = {"weights": WEIGHT_RULES, "rows": ROW_RULES, "entries": ROW_RULES}.get(kind, ("mean",))
         require(rule in allowed, "aggregation.rule", rule,
                 f"{spec.name} " + (f"combines {kind}: expected one of {', '.join(allowed)}" if kind else
                                    "uses no experiment-level aggregation rule (only 'mean'; see its own options)"))

@@ -193,7 +193,8 @@ class Server:
 
     ``aggregates``: what the server combines with the experiment's ``aggregation`` rule
     (``"weights"``: whole models, any of ``robust.WEIGHT_RULES``; ``"rows"``: equal arrays such as
-    score rows, ``robust.ROW_RULES``); None: it uses no such rule (only ``mean`` is accepted).
+    score rows, ``robust.ROW_RULES``; ``"entries"``: width sub-models, each entry over the clients
+    holding it, ``robust.ROW_RULES``); None: it uses no such rule (only ``mean`` is accepted).
     """
 
     aggregates: str | None = None

@@ -49,7 +49,8 @@ from ..configuration import FieldError
 from ..learn import arrays_to_state
 from ..messages import Message
 from .base import Server, ServerSetup
-from .weights import shared_arrays, weighted_average
+from .robust import AggregationOptions
+from .weights import aggregate_weights, shared_arrays
 
 DISTANCES = ("frobenius", "symmetric_ce")
 LINKAGES = ("single", "complete", "average", "weighted")
@@ -506,13 +507,17 @@ def subspace_distance_matrix(bases: Sequence[np.ndarray], measure: str = "min_ve
 
 
 def cluster_averages(states: Mapping[int, dict[str, np.ndarray]], sizes: Mapping[int, float],
-                     labels: Mapping[int, int]) -> dict[int, dict[str, np.ndarray]]:
-    """Per cluster, the FedAvg rule over its members' states (``labels[client]``: its cluster),
-    members in client-id order, so one cluster of everyone is FedAvg's arithmetic exactly."""
+                     labels: Mapping[int, int],
+                     options: AggregationOptions | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """Per cluster, the experiment's rule over its members' states (``labels[client]``: its cluster;
+    ``options``: the ``aggregation`` section, FedAvg's sample-weighted mean by default), members in
+    client-id order, so one cluster of everyone is FedAvg's arithmetic exactly. A robust rule works
+    within each cluster: it protects a cluster whose members are mostly honest."""
+    options = AggregationOptions() if options is None else options
     out = {}
     for k in sorted(set(int(v) for v in labels.values())):
         members = [c for c in sorted(labels) if int(labels[c]) == k]
-        out[k] = weighted_average([states[c] for c in members], [float(sizes[c]) for c in members])
+        out[k] = aggregate_weights([states[c] for c in members], [float(sizes[c]) for c in members], options)
     return out
 
 
@@ -525,6 +530,8 @@ class ClusteredServer(Server):
     exactly where FedAvg does. Reported: ``cluster`` (each client's cluster model on its test
     split: ``cluster_acc_*``), ``cluster<k>_test_acc`` (each cluster model on the global test set)
     and the assignment (the engine's ``cluster_ari`` against the true groups)."""
+
+    aggregates = "weights"  # each cluster's members by the experiment's rule (robust.WEIGHT_RULES)
 
     def __init__(self, config: Any, setup: ServerSetup) -> None:
         super().__init__(config, setup)
@@ -554,12 +561,14 @@ class ClusteredServer(Server):
         return {c: Message(dict(cache[int(self.assignment[c])])) for c in clients if int(self.assignment[c]) in cache}
 
     def aggregate(self, replies: Mapping[int, Message], labels: Mapping[int, int] | None = None) -> None:
-        """Each cluster's model ← the sample-weighted mean of its members' uploads (``labels``:
+        """Each cluster's model ← the experiment's rule (the sample-weighted mean by default) over its
+        members' uploads (``labels``:
         the cluster of each reply, default the assignment); a cluster without uploads keeps its model."""
         labels = {c: int(self.assignment[c]) for c in replies} if labels is None else labels
         states = {c: dict(r.arrays) for c, r in replies.items()}
         sizes = {c: float(r.scalars["num_examples"]) for c, r in replies.items()}
-        for k, arrays in cluster_averages(states, sizes, {c: labels[c] for c in replies}).items():
+        for k, arrays in cluster_averages(states, sizes, {c: labels[c] for c in replies},
+                                          self.setup.aggregation).items():
             self.set_model(k, arrays)
 
     def num_clusters_in_use(self) -> int:

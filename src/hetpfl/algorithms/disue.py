@@ -115,7 +115,7 @@ class DisUEServer(ClusteredServer):
         states = {c: model_arrays(r) for c, r in replies.items()}
         sizes = {c: float(r.scalars["num_examples"]) for c, r in replies.items()}
         arch = {k: self.setup.client_archs[c] for c, k in labels.items()}  # clusters form within an architecture
-        for k, arrays in cluster_averages(states, sizes, labels).items():  # ... and their experts
+        for k, arrays in cluster_averages(states, sizes, labels, self.setup.aggregation).items():  # ... experts
             self.set_model(k, arrays, arch[k])
         if self.config.clustering != "loss":  # an expert no client holds any more is dropped
             held = {int(k) for k in self.assignment if k >= 0}

@@ -71,6 +71,7 @@ class HeteroFLServer(Server):
     """Holds the full-width model; sends each client its sub-model; averages entry by entry."""
 
     mode = "leading"  # which channels a sub-model keeps (models.width.WIDTH_MODES)
+    aggregates = "entries"  # each entry over its holders: the experiment's coordinate-wise rule applies
 
     def __init__(self, config: HeteroFLConfig, setup: ServerSetup) -> None:
         super().__init__(config, setup)
@@ -93,10 +94,11 @@ class HeteroFLServer(Server):
         return {}
 
     def aggregate(self, full: dict, replies: dict[int, Message], indices: dict[int, Any]) -> None:
-        """W_j ← Σ n_k W_{k,j} / Σ n_k over the clients holding entry j (client-id order)."""
+        """W_j ← Σ n_k W_{k,j} / Σ n_k over the clients holding entry j (client-id order), or the
+        experiment's median / trimmed mean over them."""
         order = list(replies)
         averaged = average_submodels(full, [replies[c].arrays for c in order], [indices[c] for c in order],
-                                     [float(replies[c].scalars["num_examples"]) for c in order])
+                                     [float(replies[c].scalars["num_examples"]) for c in order], self.setup.aggregation)
         arrays_to_state(self.global_model, averaged)
 
     def extra_models(self) -> dict[str, dict[int, nn.Module]]:

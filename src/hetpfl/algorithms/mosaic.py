@@ -176,7 +176,8 @@ class MosaicServer(HeteroFLServer):
         indices = [subs[widths[k]][1] for k in order]
         arrays = [{n: a for n, a in replies[k].arrays.items() if n[:2] in ("w.", "b.")} for k in order]
         counts = [replies[k].arrays["class_counts"].astype(np.float64) for k in order]
-        arrays_to_state(self.global_model, average_submodels(full, arrays, indices, [n.sum() for n in counts]))
+        arrays_to_state(self.global_model, average_submodels(full, arrays, indices, [n.sum() for n in counts],
+                                                                self.setup.aggregation))
         for cls in range(self.setup.num_classes):  # e_c, entry-wise over the clients holding class c
             holders = [i for i, n in enumerate(counts) if n[cls] > 0]
             if holders:

@@ -1,8 +1,11 @@
 """Robust aggregation: rules a server can use instead of the (weighted) mean, so that a minority
 of wrong or hostile uploads cannot steer the result.
 
-Which servers use them: a server class declares ``aggregates = "weights"`` (FedAvg and every
-method built on its aggregation) or ``"rows"`` (FedMD's consensus of score rows). The experiment's
+Which servers use them: a server class declares ``aggregates = "weights"`` (FedAvg, the clustered
+methods within each cluster, and every method built on their aggregation), ``"rows"`` (FedMD's
+consensus of score rows, COSMOS's per-cluster soft labels) or ``"entries"`` (width sub-models:
+HeteroFL, FedRolex, DFRD, Mosaic's global model — each entry over the clients whose sub-model holds it,
+so only coordinate-wise rules apply). The experiment's
 ``aggregation`` section picks the rule; a rule a method cannot use fails at config time.
 
 * ``mean``: the method's own rule (FedAvg weighs by sample count); the default, bit for bit today's.
@@ -26,7 +29,7 @@ import numpy as np
 
 from ..configuration import Validated, option
 
-ROW_RULES = ("mean", "median", "trimmed_mean")  # coordinate-wise: any stack of equal arrays
+ROW_RULES = ("mean", "median", "trimmed_mean")  # coordinate-wise: any stack of equal arrays (or with gaps)
 WEIGHT_RULES = (*ROW_RULES, "krum", "multi_krum", "geometric_median")  # whole-model rules too
 
 
@@ -85,6 +88,25 @@ def geometric_median(stack: np.ndarray, weights: np.ndarray, iterations: int, to
     return point
 
 
+def combine_with_gaps(stack: np.ndarray, options: AggregationOptions) -> np.ndarray:
+    """A coordinate-wise robust rule (``median`` or ``trimmed_mean``) over ``stack`` (n uploads × any
+    shape, float64) where NaN marks an entry an upload does not hold; each entry is combined over the
+    uploads holding it (the trimmed share of that count). An entry nobody holds comes back NaN."""
+    if options.rule not in ROW_RULES or options.rule == "mean":
+        raise ValueError(f"combine_with_gaps: rule {options.rule!r} (allowed: median, trimmed_mean)")
+    held = ~np.isnan(stack)
+    count = held.sum(axis=0)
+    if options.rule == "median":
+        with np.errstate(all="ignore"):
+            return np.where(count > 0, np.nanmedian(np.where(count > 0, stack, 0.0), axis=0), np.nan)
+    ordered = np.sort(stack, axis=0)  # NaNs sort last: entry j's values are ordered[:count[j], j]
+    cut = np.floor(options.trim_fraction * count).astype(np.int64)
+    rank = np.arange(stack.shape[0]).reshape((-1,) + (1,) * (stack.ndim - 1))
+    keep = (rank >= cut) & (rank < count - cut)
+    with np.errstate(all="ignore"):
+        return np.where(count > 0, np.where(keep, ordered, 0.0).sum(axis=0) / keep.sum(axis=0), np.nan)
+
+
 def combine_rows(arrays: list[np.ndarray], options: AggregationOptions) -> np.ndarray:
     """A coordinate-wise rule over equal-shaped arrays (FedMD's score rows), as float32; ``mean``
     is the plain float32 mean."""
@@ -94,5 +116,5 @@ def combine_rows(arrays: list[np.ndarray], options: AggregationOptions) -> np.nd
     return combine(stack, np.ones(len(arrays)), options).reshape(arrays[0].shape).astype(np.float32)
 
 
-__all__ = ["ROW_RULES", "WEIGHT_RULES", "AggregationOptions", "combine", "combine_rows", "geometric_median",
-           "krum_scores"]
+__all__ = ["ROW_RULES", "WEIGHT_RULES", "AggregationOptions", "combine", "combine_rows", "combine_with_gaps",
+           "geometric_median", "krum_scores"]

@@ -30,6 +30,7 @@ from ..models import (
     supports_width,
     width_architectures,
 )
+from .robust import AggregationOptions, combine_with_gaps
 
 
 def client_width(arch: str) -> float:
@@ -71,13 +72,23 @@ def submodel_arrays(model: nn.Module, full: Mapping[str, np.ndarray], width: flo
 
 def average_submodels(full: Mapping[str, np.ndarray], subs: Sequence[Mapping[str, np.ndarray]],
                       indices: Sequence[Mapping[str, tuple[np.ndarray, ...]]],
-                      weights: Sequence[float]) -> dict[str, np.ndarray]:
+                      weights: Sequence[float], options: AggregationOptions | None = None) -> dict[str, np.ndarray]:
     """Per entry: Σ n_k w_k / Σ n_k over the clients k whose sub-model holds it (float ``w.``
-    arrays), the maximum over them (integer ``b.`` buffers); entries no client held stay."""
+    arrays), the maximum over them (integer ``b.`` buffers); entries no client held stay.
+    ``options`` (the experiment's ``aggregation``): ``median`` / ``trimmed_mean`` replace the
+    weighted mean, per entry over the clients holding it (sample counts unused: a client's claim)."""
+    robust = options is not None and options.rule != "mean"
     out = {}
     for key, current in full.items():
         new = np.array(current, copy=True)
-        if key.startswith("w."):
+        if key.startswith("w.") and robust:
+            stack = np.full((len(subs), *current.shape), np.nan)
+            for row, (sub, index) in enumerate(zip(subs, indices, strict=True)):
+                stack[row][_region(index[key])] = sub[key]
+            combined = combine_with_gaps(stack, options)
+            held = ~np.isnan(combined)
+            new[held] = combined[held].astype(np.float32)
+        elif key.startswith("w."):
             acc = np.zeros(current.shape, dtype=np.float64)
             total = np.zeros(current.shape, dtype=np.float64)
             for sub, index, w in zip(subs, indices, weights, strict=True):
