@@ -205,3 +205,22 @@ def test_kill_9_at_a_random_round_then_resume_gives_the_uninterrupted_records(me
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text(), kill_after
     assert read_status(killed)["status"] == "complete"
+
+
+def test_hetpfl_status_exits_zero_only_for_complete_runs(tmp_path, capsys):
+    """What a deployment script checks after ``flwr run``, whose exit code does not follow the run."""
+    from hetpfl.cli import main
+
+    run_experiment(tiny(), tmp_path / "ok")
+    with pytest.raises(Crash):
+        run_experiment(tiny(), tmp_path / "crashed", on_round=crash_in_round(1))
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "ok")]) == 0
+    assert "ok: complete after" in capsys.readouterr().out
+    assert main(["status", str(tmp_path / "ok"), str(tmp_path / "crashed"), str(tmp_path / "missing")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "crashed: failed after 2 rounds: Crash: crashed in round 1" in lines[1]
+    assert lines[2].endswith("missing: no such results folder")
+    (tmp_path / "ok" / "metrics.jsonl").write_text("{}\n")  # tampered afterwards
+    assert main(["status", str(tmp_path / "ok")]) == 1
+    assert "metrics.jsonl is not the file its run wrote" in capsys.readouterr().out

@@ -91,6 +91,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    """One line per results folder; exit 0 only when every run is complete and intact. A script can
+    rely on it where ``flwr run`` cannot: Flower's CLI exits 0 even when the ServerApp failed."""
+    from .runfolder import problem, read_status  # noqa: PLC0415
+
+    bad = 0
+    for folder in args.folders:
+        path = Path(folder)
+        if not path.is_dir():
+            print(f"{folder}: no such results folder")
+            bad += 1
+            continue
+        why = problem(path)
+        status = read_status(path) or {}
+        if why is None:
+            print(f"{folder}: complete after {status.get('rounds_done', '?')} rounds ({status.get('updated', 'no status')})")
+        else:
+            print(f"{folder}: {why}" + (f" (last update {status['updated']})" if status.get("updated") else ""))
+            bad += 1
+    return 1 if bad else 0
+
+
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from .data import dataset_info  # noqa: PLC0415
 
@@ -216,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--out", help="where to write comparison.png and table.md")
     rep.add_argument("--markdown", action="store_true", help="print a Markdown table")
     rep.set_defaults(func=_cmd_report)
+    stat = sub.add_parser("status", help="how each results folder's run ended; exit 1 unless all are complete")
+    stat.add_argument("folders", nargs="+", help="results folders")
+    stat.set_defaults(func=_cmd_status)
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     info = data_sub.add_parser("info", help="where a dataset is read from, and how to provide it")
