@@ -161,3 +161,18 @@ def test_reproduction_configs_are_the_scripts_output_load_and_share_each_cells_s
         widths = cell.parts[-1] == "widths"
         assert len(set(trees["mosaic"]["models"]["clients"])) == (3 if widths else 1)
         assert set(trees) >= ({"dfrd", "fedrolex"} if widths else {"dense", "fedftg", "fedgen", "fedavg"})
+
+
+def test_the_codes_meta_model_reads_the_set_of_expert_predictions_and_per_expert_reads_who_said_what():
+    """Shared expansion and no positions (the official code): permuting the experts changes nothing;
+    ``expansion="per_expert"`` gives each expert its own token map, so the order matters."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 3)
+    swapped = logits[:, [2, 0, 1, 4, 3]]
+    shared = build_model("moe_meta", (6,), 3, num_experts=5, dropout=0.0).eval()
+    own = build_model("moe_meta", (6,), 3, num_experts=5, dropout=0.0, expansion="per_expert").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(shared(logits), shared(swapped))
+        assert not torch.allclose(own(logits), own(swapped))
+    with pytest.raises(ValueError, match="expansion='diagonal'"):
+        build_model("moe_meta", (6,), 3, num_experts=5, expansion="diagonal")
