@@ -21,6 +21,7 @@ import pytest
 import hetpfl.data.federated as federated_mod
 import hetpfl.data.sources.download as download_mod
 import hetpfl.data.sources.idx as idx_mod
+from hetpfl.data.public import PublicLabelsWithheld
 from hetpfl.data import (
     DATASETS,
     PARTITIONERS,
@@ -404,7 +405,7 @@ def test_public_set_hides_labels(gauss):
     ps = fd.public
     assert isinstance(ps, PublicSet)
     public_attrs = [a for a in dir(ps) if not a.startswith("_")]
-    assert sorted(public_attrs) == ["inputs", "labels_for_evaluation"]
+    assert sorted(public_attrs) == ["has_labels", "inputs", "labels_for_evaluation", "without_labels"]
     assert not hasattr(ps, "__dict__")
     assert not hasattr(ps, "labels") and not hasattr(ps, "y")
     assert not ps.inputs.flags.writeable
@@ -416,6 +417,12 @@ def test_public_set_hides_labels(gauss):
     assert np.array_equal(ps2.labels_for_evaluation(), ps.labels_for_evaluation())
     empty = build_federated_data(gauss, num_clients=3, scheme="iid", seed=0)
     assert len(empty.public) == 0 and empty.public.inputs.shape == (0, 8)
+    # what a prepared run holds: the same inputs, no labels at all (not hidden: absent)
+    bare = ps.without_labels()
+    assert ps.has_labels and not bare.has_labels and bare.inputs is ps.inputs
+    with pytest.raises(PublicLabelsWithheld, match="holds no labels"):
+        bare.labels_for_evaluation()
+    assert not pickle.loads(pickle.dumps(bare)).has_labels
 
 
 def test_federated_audit_catches_overlap(gauss, monkeypatch):

@@ -127,16 +127,26 @@ class RunSpec:
 
 
 class ServerModules:
-    """The server's module factory (``ServerSetup.build_model``): seeds by ``("server", key)``."""
+    """The server's module factory (``ServerSetup.build_model``): seeds by ``("server", key)``.
+
+    It keeps the few facts a module needs, not the run: nothing reachable from a server (its
+    attributes, closures or this factory) leads to the clients' data."""
 
     def __init__(self, run: RunSpec) -> None:
-        self.run = run
+        data = run.data
+        self.seed = run.seed
+        self.input_shape = tuple(data.input_shape)
+        self.num_classes = data.num_classes
+        self.input_kind = data.input_kind
+        # a pretrained, adapted backbone (HetVQA) is built with the run's backbone options unless overridden
+        self.backbone_options = {arch: dict(options) for arch, options in getattr(data, "backbone_options", {}).items()}
 
     def __call__(self, arch: str, key: str | int, **options: Any) -> torch.nn.Module:
         spec = ModuleSpec.parse(arch)
-        # a pretrained, adapted backbone (HetVQA) is built with the run's backbone options unless overridden
-        base = getattr(self.run.data, "backbone_options", {}).get(spec.arch, {})
-        return self.run.new_module(ModuleSpec.of(spec.arch, **{**base, **spec.kwargs, **options}), "server", key)
+        base = self.backbone_options.get(spec.arch, {})
+        torch.manual_seed(derive_seed(self.seed, "init", "server", key))
+        return build_module(ModuleSpec.of(spec.arch, **{**base, **spec.kwargs, **options}), self.input_shape,
+                            self.num_classes, self.input_kind)
 
 
 def sampling_schedule(seed: int, num_clients: int, rounds: int, participation: float) -> list[list[int]]:

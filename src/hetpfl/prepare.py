@@ -91,6 +91,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     # An explicit, opt-in LEAK (e.g. cosmos client_weighting=public_labels, the official code's
     # loss weights): only then do the public set's true labels reach an algorithm.
     leaked = data.public.labels_for_evaluation() if getattr(algorithm_config, "uses_public_labels", False) else None
+    # The run holds the public inputs only: no code of the run (no frame, closure or gc walk) finds the labels.
+    data.public = data.public.without_labels()
     run = RunSpec(
         algorithm=spec, algorithm_config=algorithm_config, training=config.client, data=data,
         client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
@@ -179,6 +181,7 @@ def _prepare_hetvqa(config: ExperimentConfig, spec: Any) -> Prepared:
                              adaptation_steps=options.adaptation_steps,
                              adaptation_examples=options.adaptation_examples, seed=config.seed)
     data.final_round = config.rounds - 1
+    data.public = data.public.without_labels()
     archs = [c.model for c in scenario.clients]
     run = RunSpec(algorithm=spec, algorithm_config=config.algorithm_config(), training=config.client, data=data,
                   client_archs=archs, seed=config.seed, rounds=config.rounds, participation=config.participation,
