@@ -4,7 +4,8 @@ Each method in ``ALGORITHMS`` runs from its own tiny config, ``tests/configs/alg
 (a method without one fails here), and must be:
 
 * deterministic: one seed, one ``metrics.jsonl``, byte for byte;
-* store-independent: client states in memory or on disk give the same records;
+* store- and executor-independent: client states in memory or on disk, clients in this process or
+  spread over worker processes, give the same records;
 * resumable: 2 rounds, a crash, a resume from the checkpoint and 2 more rounds write exactly the
   ``metrics.jsonl`` of 4 uninterrupted rounds;
 * honest about its stages: every stage its server asks is declared with a handler;
@@ -85,8 +86,12 @@ def test_same_seed_same_records_and_it_learns(name, reference, tmp_path):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_disk_store_gives_the_memory_stores_records(name, reference, tmp_path):
-    run_experiment(method_config(name, **{"runtime.client_state": "disk"}), tmp_path)
+def test_disk_store_and_worker_processes_give_the_reference_records(name, reference, tmp_path):
+    """Client states on disk, and clients spread over two worker processes (their records travelling
+    as messages), change nothing: the records are the in-memory sequential run's, byte for byte."""
+    summary = run_experiment(method_config(name, **{"runtime.client_state": "disk", "runtime.executor": "processes",
+                                                    "runtime.workers": 2}), tmp_path)
+    assert summary["executor"] == "processes" and summary["workers"] == 2
     assert _metrics(tmp_path) == _metrics(reference(name))
 
 

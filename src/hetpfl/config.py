@@ -42,7 +42,7 @@ from .messages import COMPRESSIONS
 from .models import ARCHITECTURES, ModuleSpec
 from .models.lora import LoRAOptions
 from .runtimes import RUNTIMES
-from .simulator import EXECUTORS
+from .executors import EXECUTORS
 
 # Upper bounds that catch typos before any work: beyond them a run hangs drawing its client-sampling
 # schedule (rounds) or fails to start its thread pool (threads).
@@ -132,6 +132,7 @@ class RuntimeConfig(Validated):
     # memory | disk (spill client states to disk) | none (stateless clients: nothing kept between rounds)
     client_state: str = option("memory", choices=STORES)
     executor: str = option("sequential", choices=EXECUTORS)
+    workers: int = option(0, ge=0, le=MAX_TORCH_THREADS)  # executor processes: worker processes (0: one per core)
     compression: str = option("none", choices=COMPRESSIONS)  # fp16: messages' float32 arrays travel as float16
     # CPU threads for torch. 1 is as fast for these small models, far faster on a busy machine
     # (OpenMP threads spin), and part of reproducibility: reduction order depends on it.
@@ -147,6 +148,9 @@ class RuntimeConfig(Validated):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.executor != "sequential":
+            require(self.name == "simulator", "executor", self.executor,
+                    "is the simulator's (runtime.name=simulator); Flower places clients itself")
         for key in ("dropout", "stragglers"):
             if getattr(self, key) > 0:
                 require(self.name == "simulator", key, getattr(self, key), "is simulated by runtime.name=simulator only")

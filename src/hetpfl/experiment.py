@@ -9,6 +9,7 @@ writes the results folder. A run with ``runtime.checkpoint_every > 0`` saves its
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def execute(prepared: Prepared, on_round: Callable[[dict[str, Any]], None] | Non
 
     torch.set_num_threads(runtime.torch_threads)
     launch = Launch(run=prepared.run, experiment_yaml=config_yaml(prepared.config), build_run=run_from_yaml,
-                    client_state=runtime.client_state, executor=runtime.executor, on_round=on_round,
+                    client_state=runtime.client_state, executor=runtime.executor, workers=runtime.workers,
+                    on_round=on_round,
                     checkpoint=checkpoint, resume=resume)
     return RUNTIMES[runtime.name](launch)
 
@@ -136,6 +138,7 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
         **summary,
         "runtime": runtime_name,
         "executor": runtime.executor,
+        **({"workers": runtime.workers or os.cpu_count()} if runtime.executor == "processes" else {}),
         "setup_time_s": setup_s,
         "clients": prepared.clients,
         **({"setup": prepared.setup} if prepared.setup else {}),

@@ -1,49 +1,23 @@
 """The in-process runtime: fast, deterministic, the default.
 
 Clients run inside this process through a :class:`~hetpfl.clienthost.ClientHost`; *how* they are
-executed is an :class:`Executor` choice that no algorithm sees. An executor receives the stage,
-the round and the asked clients grouped by their module architectures, and runs each group
-through the host: one by one (:class:`SequentialExecutor`, the reference), or, for an executor
-with ``batched = True``, through a client's batched handler ``<stage>_many`` where it has one.
+executed is an :class:`~hetpfl.executors.Executor` choice that no algorithm sees
+(:mod:`hetpfl.executors`): one by one in this process (``sequential``, the reference), or spread
+over worker processes (``processes``).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
 from .algorithms.base import EVALUATE_STAGE
 from .clienthost import ClientHost, StateStore, make_store
 from .engine import CheckpointPolicy, Exchange, RunSpec, run_rounds
+from .executors import Executor, Failed, SequentialExecutor, make_executor
 from .messages import Message
 from .rng import numpy_rng
-
-
-class Executor(Protocol):
-    """Runs the groups of one stage. ``batched``: offer each group to the method's batched
-    handler (``<stage>_many``) when the method has one."""
-
-    batched: bool
-
-    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
-            messages: Mapping[int, Message]) -> dict[int, Message]: ...
-
-
-class SequentialExecutor:
-    """Every group in turn, every client of a group one after the other, in client-id order."""
-
-    batched = False
-
-    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
-            messages: Mapping[int, Message]) -> dict[int, Message]:
-        replies: dict[int, Message] = {}
-        for group in groups:
-            replies.update(host.handle_group(group, stage, rnd, messages, batched=self.batched))
-        return replies
-
-
-EXECUTORS: dict[str, type] = {"sequential": SequentialExecutor}
 
 
 class InProcessTransport:
@@ -65,17 +39,10 @@ class InProcessTransport:
         dropped, late = self._simulated_faults(stage, rnd, list(messages))
         failures = {c: "did not answer (simulated: runtime.dropout)" for c in sorted(dropped)}
         failures.update({c: "missed the stage's deadline (simulated: runtime.stragglers)" for c in sorted(late)})
-        replies = {}
-        for group in groups:
-            group = [c for c in group if c not in dropped]
-            if not group:
-                continue
-            try:
-                replies.update(self.executor.run(self.host, stage, rnd, [group], messages))
-            except Exception as exc:  # noqa: BLE001  (any error of a client's code is that client's failure)
-                if self.host.run.on_client_error == "raise":
-                    raise
-                failures.update({c: f"raised {type(exc).__name__}: {exc}" for c in group})
+        groups = [[c for c in group if c not in dropped] for group in groups]
+        outcomes = self.executor.run(self.host, stage, rnd, [g for g in groups if g], messages)
+        replies = {c: out for c, out in outcomes.items() if not isinstance(out, Failed)}
+        failures.update({c: out.describe() for c, out in sorted(outcomes.items()) if isinstance(out, Failed)})
         return Exchange(replies={c: replies[c] for c in sorted(replies) if c not in late}, failures=failures,
                         client_seconds=time.perf_counter() - started, undelivered=dropped)
 
@@ -96,6 +63,7 @@ def simulate(
     *,
     client_state: str = "memory",
     executor: str | Executor = "sequential",
+    workers: int = 0,
     store: StateStore | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     checkpoint: CheckpointPolicy | None = None,
@@ -103,9 +71,10 @@ def simulate(
 ) -> dict[str, Any]:
     """Run ``run`` in this process; returns the summary (records go to ``on_round``)."""
     if isinstance(executor, str):
-        if executor not in EXECUTORS:
-            raise ValueError(f"runtime.executor={executor!r} is not supported (allowed: {', '.join(EXECUTORS)})")
-        executor = EXECUTORS[executor]()
+        executor = make_executor(executor, workers)
     host = ClientHost(run, store if store is not None else make_store(client_state))
-    return run_rounds(run, InProcessTransport(host, executor), on_round=on_round, checkpoint=checkpoint,
-                      resume=resume)
+    try:
+        return run_rounds(run, InProcessTransport(host, executor), on_round=on_round, checkpoint=checkpoint,
+                          resume=resume)
+    finally:
+        executor.close()

@@ -30,13 +30,14 @@ class Launch:
     build_run: RunBuilder | None = None
     client_state: str = "memory"
     executor: str = "sequential"
+    workers: int = 0  # executor processes: worker processes (0: one per core)
     on_round: Callable[[dict[str, Any]], None] | None = None
     checkpoint: CheckpointPolicy | None = None
     resume: Path | None = None
 
 
 def run_in_process(launch: Launch) -> dict[str, Any]:
-    return simulate(launch.run, client_state=launch.client_state, executor=launch.executor,
+    return simulate(launch.run, client_state=launch.client_state, executor=launch.executor, workers=launch.workers,
                     on_round=launch.on_round, checkpoint=launch.checkpoint, resume=launch.resume)
 
 

@@ -1,0 +1,175 @@
+"""How the simulator executes one stage's clients: the executors (``runtime.executor``).
+
+An executor receives the stage, the round and the asked clients grouped by their module
+architectures, and returns every client's outcome: its reply, or :class:`Failed` for a client whose
+stage raised. No algorithm sees which executor ran it.
+
+* ``sequential`` (the reference): every client in turn, in client-id order, in this process.
+* ``processes``: the clients of a stage spread over worker processes (``runtime.workers``; 0: one
+  per CPU core), each running torch with the run's thread count. Workers are forked once per run,
+  so they hold the run's data without copying it; a client's state record and its message travel
+  to the worker, and its reply and new record back, as hetpfl messages (arrays and scalars, never
+  pickled objects), and the parent keeps every record (checkpoints and resume are unchanged).
+  Every random stream is keyed by (seed, client, round, stage), and a worker runs a client's
+  stage exactly as the sequential executor does, so the records are the sequential executor's,
+  byte for byte (the contract tests check it for every registered method).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+import torch
+
+from .clienthost import ClientHost, MemoryStore
+from .messages import Message
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A client whose stage raised (recorded as its failure unless the run says raise)."""
+
+    kind: str  # the exception's type name
+    text: str
+
+    def describe(self) -> str:
+        return f"raised {self.kind}: {self.text}"
+
+
+Outcome = Message | Failed
+
+
+class Executor(Protocol):
+    """Runs one stage's groups. ``batched``: offer each group to the method's batched handler
+    (``<stage>_many``) when the method has one; otherwise every group is a single client."""
+
+    batched: bool
+
+    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
+            messages: Mapping[int, Message]) -> dict[int, Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+class SequentialExecutor:
+    """Every group in turn, every client of a group one after the other, in client-id order."""
+
+    batched = False
+
+    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
+            messages: Mapping[int, Message]) -> dict[int, Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        for group in groups:
+            try:
+                outcomes.update(host.handle_group(group, stage, rnd, messages, batched=self.batched))
+            except Exception as exc:  # noqa: BLE001  (any error of a client's code is that client's failure)
+                if host.run.on_client_error == "raise":
+                    raise
+                outcomes.update({c: Failed(type(exc).__name__, str(exc)) for c in group})
+        return outcomes
+
+    def close(self) -> None:
+        pass
+
+
+class ClientProcessError(RuntimeError):
+    """A client's stage raised in a worker process and the run says raise (its traceback included)."""
+
+
+# The host a forked worker starts from (set in the parent just before forking; read only there).
+_FORK_HOST: ClientHost | None = None
+_WORKER_HOST: ClientHost | None = None
+
+
+def _start_worker(threads: int) -> None:
+    global _WORKER_HOST
+    torch.set_num_threads(threads)
+    # a fresh host over the inherited run: its own live modules and an empty store (records come with tasks)
+    _WORKER_HOST = ClientHost(_FORK_HOST.run, MemoryStore())
+
+
+def _run_client(task: tuple[int, str, int, bytes, bytes | None]) -> tuple[int, bytes | None, bytes | None, tuple | None]:
+    """One client's stage in a worker: (client, reply, new record, failure)."""
+    client, stage, rnd, message, record = task
+    host = _WORKER_HOST
+    store = host.store
+    if record is not None:
+        store.put(client, Message.from_bytes(record))
+    try:
+        reply = host.handle(client, stage, rnd, Message.from_bytes(message))
+        new_record = store.get(client)
+        return client, reply.to_bytes(), None if new_record is None else new_record.to_bytes(), None
+    except Exception as exc:  # noqa: BLE001  (reported to the parent, which applies the run's policy)
+        return client, None, None, (type(exc).__name__, str(exc), traceback.format_exc())
+    finally:
+        store._records.pop(client, None)  # the parent keeps the record
+
+
+class ProcessExecutor:
+    """The clients of a stage over worker processes (module docstring)."""
+
+    batched = False
+
+    def __init__(self, workers: int = 0) -> None:
+        self.workers = workers or (os.cpu_count() or 1)
+        self._pool: Any = None
+        self._host: ClientHost | None = None
+
+    def _pool_for(self, host: ClientHost) -> Any:
+        if self._pool is None or self._host is not host:
+            self.close()
+            global _FORK_HOST
+            _FORK_HOST = host
+            try:  # fork: the workers share the run's data with this process instead of rebuilding it
+                context = multiprocessing.get_context("fork")
+                self._pool = context.Pool(self.workers, initializer=_start_worker, initargs=(torch.get_num_threads(),))
+            finally:
+                _FORK_HOST = None
+            self._host = host
+        return self._pool
+
+    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
+            messages: Mapping[int, Message]) -> dict[int, Outcome]:
+        clients = [c for group in groups for c in group]
+        if len(clients) < 2:  # nothing to share out: the reference path, no round trip
+            return SequentialExecutor().run(host, stage, rnd, groups, messages)
+        pool = self._pool_for(host)
+        tasks = []
+        for c in clients:
+            record = host.store.get(c)
+            tasks.append((c, stage, rnd, messages[c].to_bytes(), None if record is None else record.to_bytes()))
+        outcomes: dict[int, Outcome] = {}
+        for client, reply, record, failure in pool.imap(_run_client, tasks):  # in client order
+            if failure is not None:
+                kind, text, trace = failure
+                if host.run.on_client_error == "raise":
+                    raise ClientProcessError(f"client {client}, stage {stage}, round {rnd}: {kind}: {text}\n{trace}")
+                outcomes[client] = Failed(kind, text)
+                continue
+            if record is not None:
+                host.store.put(client, Message.from_bytes(record))
+            outcomes[client] = Message.from_bytes(reply)
+        return outcomes
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+        self._pool, self._host = None, None
+
+
+EXECUTORS: dict[str, type] = {"sequential": SequentialExecutor, "processes": ProcessExecutor}
+
+
+def make_executor(name: str, workers: int = 0) -> Executor:
+    if name not in EXECUTORS:
+        raise ValueError(f"runtime.executor={name!r} is not supported (allowed: {', '.join(EXECUTORS)})")
+    return ProcessExecutor(workers) if name == "processes" else EXECUTORS[name]()
+
+
+__all__ = ["EXECUTORS", "ClientProcessError", "Executor", "Failed", "Outcome", "ProcessExecutor",
+           "SequentialExecutor", "make_executor"]

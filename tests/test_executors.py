@@ -1,0 +1,55 @@
+"""The executors: worker processes fail, record and raise exactly as the sequential reference does.
+
+(Agreement of records for every registered method is a contract test:
+``tests/test_contract.py::test_disk_store_and_worker_processes_give_the_reference_records``.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import small_config
+from hetpfl.algorithms.fedmd import FedMDClient
+from hetpfl.configuration import ConfigError
+from hetpfl.executors import ClientProcessError
+from hetpfl.experiment import load_config, run_experiment
+
+_communicate = FedMDClient.communicate
+
+
+def _fails_for_client_2_in_round_1(self, message, ctx):
+    if ctx.client_id == 2 and ctx.round == 1:
+        raise OSError("disk full")
+    return _communicate(self, message, ctx)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_client_raising_in_a_worker_is_recorded_as_the_sequential_executor_records_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(FedMDClient, "communicate", _fails_for_client_2_in_round_1)  # forked workers inherit it
+    for executor in ("sequential", "processes"):
+        run_experiment(small_config("fedmd", **{"runtime.executor": executor, "runtime.dropout": 0.2}),
+                       tmp_path / executor)
+    rows = _rows(tmp_path / "processes")
+    assert rows == _rows(tmp_path / "sequential")
+    assert rows[1]["failures"]["2"] == "communicate: raised OSError: disk full"
+    assert all("dropout" in text for c, text in rows[0]["failures"].items())  # simulated dropouts alike
+
+
+def test_a_client_raising_in_a_worker_stops_a_run_that_says_raise_with_its_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr(FedMDClient, "communicate", _fails_for_client_2_in_round_1)
+    config = small_config("fedmd", **{"runtime.executor": "processes", "runtime.on_client_error": "raise"})
+    with pytest.raises(ClientProcessError, match=r"(?s)client 2, stage communicate, round 1: OSError: disk full.*Traceback"):
+        run_experiment(config, tmp_path / "out")
+
+
+def test_workers_default_to_one_per_core_and_the_executor_is_the_simulators(tmp_path):
+    summary = run_experiment(small_config("fedmd", rounds=1, **{"runtime.executor": "processes"}), tmp_path)
+    assert summary["workers"] == os.cpu_count() and summary["executor"] == "processes"
+    with pytest.raises(ConfigError, match="runtime.executor.*processes.*simulator"):
+        load_config(base={"runtime": {"name": "flower-sim", "executor": "processes"}})
