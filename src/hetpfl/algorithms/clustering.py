@@ -58,11 +58,13 @@ SUBSPACE_MEASURES = ("min_vector_angle", "smallest_angle", "mean_angle")
 
 __all__ = [
     "DISTANCES",
+    "GREEDY_WORK",
     "LINKAGES",
     "SUBSPACE_MEASURES",
     "ClusterChoice",
     "ClusteredServer",
     "agglomerative",
+    "agglomerative_cuts",
     "auto_threshold",
     "best_by_silhouette",
     "check_num_clusters",
@@ -141,15 +143,24 @@ def greedy_elimination(dist: np.ndarray, epsilon: float) -> np.ndarray:
         raise ValueError(f"greedy_elimination needs a square distance matrix, got shape {dist.shape}")
     near = dist <= epsilon
     np.fill_diagonal(near, True)
+    return _greedy_on(near)
+
+
+def _greedy_on(near: np.ndarray) -> np.ndarray:
+    """Greedy elimination on a neighbour matrix. The remaining neighbours of every client are counted
+    once and decremented as clusters leave (O(n²) a pass, not O(n²) per cluster)."""
+    n = len(near)
     labels = np.full(n, -1, dtype=np.int64)
     remaining = np.ones(n, dtype=bool)
-    cluster = 0
-    while remaining.any():
-        counts = np.where(remaining, (near & remaining[None, :]).sum(axis=1), -1)
-        pick = int(np.argmax(counts))  # first maximum: ties go to the lowest id
-        members = near[pick] & remaining
+    counts = near.sum(axis=1)
+    cluster, left = 0, n
+    while left:
+        pick = int(np.argmax(np.where(remaining, counts, -1)))  # first maximum: ties go to the lowest id
+        members = np.flatnonzero(near[pick] & remaining)
         labels[members] = cluster
-        remaining &= ~members
+        remaining[members] = False
+        left -= members.size
+        counts -= near[:, members].sum(axis=1) if members.size > 1 else near[:, members[0]]
         cluster += 1
     return labels
 
@@ -206,10 +217,14 @@ def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
     n = len(labels)
     if not 2 <= ids.size <= n - 1:
         raise ValueError(f"silhouette needs 2..n-1 clusters, got {ids.size} for n={n}")
-    onehot = (labels[:, None] == ids[None, :]).astype(np.float64)  # (n, K)
-    sizes = onehot.sum(axis=0)
-    sums = dist @ onehot  # (n, K): total distance to each cluster
     own = np.searchsorted(ids, labels)
+    sizes = np.bincount(own, minlength=ids.size).astype(np.float64)
+    if ids.size <= 64:
+        sums = dist @ (own[:, None] == np.arange(ids.size)[None, :]).astype(np.float64)  # (n, K)
+    else:  # many clusters: sum each cluster's columns (O(n²), not O(n²K))
+        order = np.argsort(own, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(own[order]) != 0])
+        sums = np.add.reduceat(dist[:, order], starts, axis=1)
     rows = np.arange(n)
     own_size = sizes[own]
     a = np.where(own_size > 1, sums[rows, own] / np.maximum(own_size - 1, 1), 0.0)
@@ -221,6 +236,12 @@ def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
     return float(s.mean())
 
 
+#: Greedy passes :func:`auto_threshold` makes per round of its search: every candidate up to
+#: ``max_candidates`` while n² · candidates stays under this (n <= 316 at 1,000 candidates, so every
+#: shipped config searches exactly as before); beyond, a coarse grid and then a fine one.
+GREEDY_WORK = 10**8
+
+
 def auto_threshold(dist: np.ndarray, min_silhouette: float = 0.25, max_candidates: int = 1000) -> ClusterChoice:
     """ε chosen from the distance matrix alone: the greedy clustering with the best silhouette.
 
@@ -230,17 +251,44 @@ def auto_threshold(dist: np.ndarray, min_silhouette: float = 0.25, max_candidate
     scored by :func:`silhouette`; ties go to fewer clusters. If no candidate reaches
     ``min_silhouette`` (0.25: "no substantial structure" in Kaufman & Rousseeuw's reading of the
     index), or there are fewer than 3 clients, every client goes into one cluster.
+
+    Scale: a pass costs O(n²), so when n² · ``max_candidates`` exceeds :data:`GREEDY_WORK` (beyond
+    about 316 clients) the search takes ``GREEDY_WORK / n²`` quantiles (at least 50), then as many
+    again among the distinct distances between the best one's neighbours on that grid, and keeps
+    the best of both (1,000 clients: 2 × 100 passes instead of 1,000).
     """
     dist = np.asarray(dist, dtype=np.float64)
     n = len(dist)
     one = ClusterChoice(np.zeros(n, dtype=np.int64), float(dist.max()) if n else 0.0, None)
     if n < 3:
         return one
-    thresholds = np.unique(dist[np.triu_indices(n, k=1)])
-    if len(thresholds) > max_candidates:
-        thresholds = np.unique(np.quantile(thresholds, np.linspace(0.0, 1.0, max_candidates), method="nearest"))
-    best: ClusterChoice | None = None
+    distinct = np.unique(dist[np.triu_indices(n, k=1)])
+    per_search = min(max_candidates, max(50, GREEDY_WORK // (n * n)))
+    grid = _spread(distinct, per_search)
     seen: set[bytes] = set()
+    best = _best_greedy(dist, grid, seen, None)
+    if per_search < max_candidates and best is not None and len(distinct) > len(grid):
+        at = int(np.searchsorted(grid, best.epsilon))
+        low, high = grid[max(at - 1, 0)], grid[min(at + 1, len(grid) - 1)]
+        between = distinct[(distinct > low) & (distinct < high)]
+        best = _best_greedy(dist, _spread(between, per_search), seen, best)
+    if best is None or best.score < min_silhouette:
+        return ClusterChoice(one.labels, one.epsilon, None if best is None else best.score)
+    return best
+
+
+def _spread(values: np.ndarray, count: int) -> np.ndarray:
+    """``values`` (sorted, distinct) if there are at most ``count``, else ``count`` evenly spaced quantiles."""
+    if len(values) <= count:
+        return values
+    return np.unique(np.quantile(values, np.linspace(0.0, 1.0, count), method="nearest"))
+
+
+def _best_greedy(dist: np.ndarray, thresholds: np.ndarray, seen: set[bytes],
+                 best: ClusterChoice | None) -> ClusterChoice | None:
+    """The best-silhouette greedy clustering over ``thresholds`` (in order), starting from ``best``;
+    clusterings already in ``seen`` are skipped."""
+    n = len(dist)
     for epsilon in thresholds:
         labels = greedy_elimination(dist, float(epsilon))
         key = labels.tobytes()
@@ -253,8 +301,6 @@ def auto_threshold(dist: np.ndarray, min_silhouette: float = 0.25, max_candidate
         score = silhouette(dist, labels)
         if best is None or score > best.score or (score == best.score and k < best.num_clusters):
             best = ClusterChoice(labels, float(epsilon), score)
-    if best is None or best.score < min_silhouette:
-        return ClusterChoice(one.labels, one.epsilon, None if best is None else best.score)
     return best
 
 
@@ -380,6 +426,20 @@ def agglomerative(dist: np.ndarray, linkage: str = "complete", *, num_clusters: 
     merged cluster ``a ∪ b`` and ``c`` (Lance-Williams): ``single`` min(d_ac, d_bc), ``complete``
     max, ``average`` (UPGMA) the mean over all member pairs, ``weighted`` (WPGMA) (d_ac + d_bc) / 2.
     """
+    if num_clusters is None and threshold is None:
+        raise ValueError("agglomerative needs num_clusters or threshold (or both)")
+    return agglomerative_cuts(dist, linkage, [num_clusters or 1], threshold=threshold)[num_clusters or 1]
+
+
+def agglomerative_cuts(dist: np.ndarray, linkage: str, cuts: Sequence[int], *,
+                       threshold: float | None = None) -> dict[int, np.ndarray]:
+    """:func:`agglomerative`'s labels at each number of clusters in ``cuts``, from one merge sequence
+    (the merges do not depend on where the tree is cut). With ``threshold``, merging also stops at
+    the first distance above it, and a cut below that point gets the labels there.
+
+    Each row's nearest active cluster is cached and refreshed only when its merge touched it, so
+    the n - 1 merges cost O(n²) together rather than O(n²) each.
+    """
     dist = np.asarray(dist, dtype=np.float64)
     n = len(dist)
     if dist.shape != (n, n) or n == 0:
@@ -388,33 +448,46 @@ def agglomerative(dist: np.ndarray, linkage: str = "complete", *, num_clusters: 
         raise ValueError("agglomerative: the distance matrix has non-finite entries")
     if linkage not in LINKAGES:
         raise ValueError(f"linkage {linkage!r} is not supported (allowed: {', '.join(LINKAGES)})")
-    if num_clusters is None and threshold is None:
-        raise ValueError("agglomerative needs num_clusters or threshold (or both)")
-    if num_clusters is not None and num_clusters < 1:
-        raise ValueError(f"num_clusters={num_clusters}: must be >= 1")
+    if not cuts or min(cuts) < 1:
+        raise ValueError(f"num_clusters={min(cuts) if cuts else None}: must be >= 1")
     d = 0.5 * (dist + dist.T)
     np.fill_diagonal(d, np.inf)
-    members = [[i] for i in range(n)]
-    active = list(range(n))
-    while len(active) > max(1, num_clusters or 1):
-        sub = d[np.ix_(active, active)]
-        ia, ib = divmod(int(np.argmin(sub)), len(active))  # first minimum: ia < ib, lowest rows
-        if threshold is not None and sub[ia, ib] > threshold:
-            break
-        a, b = active[ia], active[ib]
-        da, db = d[a].copy(), d[b].copy()
-        na, nb = len(members[a]), len(members[b])
-        merged = {"single": np.minimum(da, db), "complete": np.maximum(da, db),
-                  "average": (na * da + nb * db) / (na + nb), "weighted": 0.5 * (da + db)}[linkage]
-        d[a, :] = merged
-        d[:, a] = merged
-        d[a, a] = np.inf
-        members[a] += members[b]
-        active.remove(b)
-    labels = np.empty(n, dtype=np.int64)
-    for k, idx in enumerate(sorted((sorted(members[a]) for a in active), key=lambda m: m[0])):
-        labels[idx] = k
-    return labels
+    active = np.ones(n, dtype=bool)
+    sizes = np.ones(n)
+    nearest, gap = d.argmin(axis=1), d.min(axis=1)  # each row's first closest column and its distance
+    parent = np.arange(n)  # each row's cluster (a root row index)
+    out: dict[int, np.ndarray] = {}
+    remaining = n
+    for k in sorted(set(cuts), reverse=True):
+        while remaining > k:
+            a = int(np.argmin(np.where(active, gap, np.inf)))  # first minimum: the lowest row, then
+            b = int(nearest[a])                                # its lowest column (a < b by symmetry)
+            if threshold is not None and d[a, b] > threshold:
+                break
+            da, db = d[a], d[b]
+            na, nb = sizes[a], sizes[b]
+            merged = {"single": np.minimum(da, db), "complete": np.maximum(da, db),
+                      "average": (na * da + nb * db) / (na + nb), "weighted": 0.5 * (da + db)}[linkage]
+            d[a, :] = merged
+            d[:, a] = merged
+            d[b, :] = np.inf
+            d[:, b] = np.inf
+            d[a, a] = np.inf
+            active[b] = False
+            sizes[a] += nb
+            parent[parent == b] = a
+            remaining -= 1
+            stale = active & ((nearest == a) | (nearest == b))
+            stale[a] = True
+            rows = np.flatnonzero(stale)
+            nearest[rows], gap[rows] = d[rows].argmin(axis=1), d[rows].min(axis=1)
+            closer = active & ~stale & ((merged < gap) | ((merged == gap) & (a < nearest)))
+            nearest[closer], gap[closer] = a, merged[closer]
+        roots = np.unique(parent)  # cluster ids in the order of each cluster's lowest member
+        lowest = {int(r): int(np.flatnonzero(parent == r)[0]) for r in roots}
+        order = {r: i for i, r in enumerate(sorted(lowest, key=lowest.get))}
+        out[k] = np.array([order[int(r)] for r in parent], dtype=np.int64)
+    return {k: out[k] for k in cuts}
 
 
 def cosine_similarity(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -494,6 +567,16 @@ def subspace_distance_matrix(bases: Sequence[np.ndarray], measure: str = "min_ve
         raise ValueError(f"subspace measure {measure!r} is not supported (allowed: {', '.join(SUBSPACE_MEASURES)})")
     qs = [_prepared(b, measure) for b in bases]
     n = len(qs)
+    widths = np.array([q.shape[1] for q in qs])
+    if measure == "min_vector_angle" and n and widths.min() > 0:
+        # every pair at once: one product of all columns, then the largest |cosine| of each block
+        cosines = np.abs(np.concatenate(qs, axis=1).T @ np.concatenate(qs, axis=1))
+        starts = np.r_[0, np.cumsum(widths)[:-1]]
+        largest = np.maximum.reduceat(np.maximum.reduceat(cosines, starts, axis=0), starts, axis=1)
+        dist = np.degrees(np.arccos(np.clip(largest, 0.0, 1.0)))
+        dist = 0.5 * (dist + dist.T)
+        np.fill_diagonal(dist, 0.0)
+        return dist
     dist = np.zeros((n, n))
     for i in range(n):
         for j in range(i + 1, n):
