@@ -9,6 +9,11 @@ MKL, oneDNN and OpenBLAS pinned to their AVX2 paths, which reproduces those reco
 with AVX-512 too (without the pin it gives other bytes). A change that alters a number here changes
 what users' shipped configs compute: it must be deliberate, and the golden files regenerated in the
 same commit (``hetpfl run <config> --portable-numerics -o out``).
+
+``runtime.kernels=reference`` (the former kernels) must still give those records; the default
+``fast`` kernels (fused optimizer updates, channels-last conv classifiers: ``hetpfl.kernels``) sum in
+other orders, and their records, ``*.fast.metrics.jsonl``, were written at the commit that made them
+the default, the same way (``--set runtime.kernels=fast``).
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ GOLDEN = Path(__file__).parent / "golden"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not portable_numerics_supported(), reason="the records need x86-64 with AVX2")
-@pytest.mark.parametrize("config, golden", [
-    ("configs/default.yaml", "default.metrics.jsonl"),
-    ("configs/cosmos/smoke.yaml", "cosmos-smoke.metrics.jsonl"),
+@pytest.mark.parametrize("config, golden, kernels", [
+    ("configs/default.yaml", "default.metrics.jsonl", "reference"),
+    ("configs/cosmos/smoke.yaml", "cosmos-smoke.metrics.jsonl", "reference"),
+    ("configs/default.yaml", "default.fast.metrics.jsonl", "fast"),
+    ("configs/cosmos/smoke.yaml", "cosmos-smoke.fast.metrics.jsonl", "fast"),
 ])
-def test_shipped_config_gives_its_golden_records(config, golden, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "hetpfl.cli", "run", config, "-o", str(tmp_path), "--portable-numerics"],
-                         cwd=REPO, capture_output=True, text=True)
+def test_shipped_config_gives_its_golden_records(config, golden, kernels, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "hetpfl.cli", "run", config, "-o", str(tmp_path), "--portable-numerics",
+                          "--set", f"runtime.kernels={kernels}"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["environment"]["portable_numerics"] is True
     assert (tmp_path / "metrics.jsonl").read_text() == (GOLDEN / golden).read_text(), (

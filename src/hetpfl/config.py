@@ -43,6 +43,7 @@ from .models import ARCHITECTURES, ModuleSpec
 from .models.lora import LoRAOptions
 from .runtimes import RUNTIMES
 from .executors import EXECUTORS
+from .kernels import KERNELS
 
 # Upper bounds that catch typos before any work: beyond them a run hangs drawing its client-sampling
 # schedule (rounds) or fails to start its thread pool (threads).
@@ -137,6 +138,8 @@ class RuntimeConfig(Validated):
     # CPU threads for torch. 1 is as fast for these small models, far faster on a busy machine
     # (OpenMP threads spin), and part of reproducibility: reduction order depends on it.
     torch_threads: int = option(1, ge=1, le=MAX_TORCH_THREADS)
+    # fast: fused optimizer updates, channels-last conv classifiers; reference: the former kernels (hetpfl.kernels)
+    kernels: str = option("fast", choices=KERNELS)
     # a client's failed stage: record it and go on (every runtime), or raise it (debugging)
     on_client_error: str = option("record", choices=CLIENT_ERROR_POLICIES)
     # simulator only, drawn from the seed per (round, stage, client); evaluation is never dropped

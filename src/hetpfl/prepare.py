@@ -21,6 +21,7 @@ from .algorithms import get_algorithm
 from .config import ExperimentConfig, load_config
 from .configuration import ConfigError, FieldError, build_dataclass, require
 from .data import HETVQA, build_federated_data, load_dataset
+from .kernels import set_kernels
 from .engine import RunSpec, assign_architectures
 from .models import ModuleSpec, build_module, count_flops, count_parameters
 
@@ -38,6 +39,7 @@ class Prepared:
 def prepare(config: ExperimentConfig) -> Prepared:
     """Load data, partition, assign architectures and check that everything fits, before training."""
     spec = get_algorithm(config.algorithm["name"])
+    set_kernels(config.runtime.kernels)  # every module and optimizer of the run follows it (hetpfl.kernels)
     d = config.data
     wanted = "vqa" if d.dataset == HETVQA else "classification"
     if spec.task_kind != wanted:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import Validated, option
+from ..kernels import optimizer_options
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -38,10 +39,13 @@ class OptimOptions(Validated):
         for p in params:
             groups.setdefault(float((lr_scales or {}).get(id(p), 1.0)), []).append(p)
         param_groups = [{"params": ps, "lr": self.lr * scale} for scale, ps in groups.items()]
+        kernels = optimizer_options([p for ps in groups.values() for p in ps])  # fused unless runtime.kernels=reference
         if self.optimizer == "adam":
-            return torch.optim.Adam(param_groups, lr=self.lr, betas=(self.beta1, 0.999), weight_decay=self.weight_decay)
+            return torch.optim.Adam(param_groups, lr=self.lr, betas=(self.beta1, 0.999), weight_decay=self.weight_decay,
+                                    **kernels)
         if self.optimizer == "sgd":
-            return torch.optim.SGD(param_groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            return torch.optim.SGD(param_groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   **kernels)
         raise ValueError(f"optimizer={self.optimizer!r} is not supported (allowed: {', '.join(OPTIMIZERS)})")
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels import with_preferred_layout
 from .archs import MLP, MobileNetSmall, PlainCNN, ResNetSmall, VGGSmall
 from .base import HetModel, parse_input_shape
 from .generative import DCGANDiscriminator, DCGANGenerator, Generator, MLPDiscriminator, MLPGenerator
@@ -261,6 +262,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, in
         raise ValueError(f"architecture {name!r} takes no option {unknown[0]!r} "
                          f"(options: {', '.join(sorted(accepted)) or 'none'})")
     model = builder(shape, num_classes, **options)
+    if spec.kind == "classifier":
+        model = with_preferred_layout(model, spec.family, shape)
     setattr(model, BUILT_FROM, ModuleSpec.of(name, **options))
     return model
 
