@@ -10,13 +10,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hetpfl"
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = {
-    "rng": 0, "configuration": 0, "numerics": 0,
+    "rng": 0, "configuration": 0, "numerics": 0, "kernels": 0,
     "data": 1,
     "models": 2, "messages": 2, "plots": 2,
     "learn": 3, "state": 3, "backbones": 3,
     "algorithms": 4, "adversaries": 4, "privacy": 4,
     "clienthost": 5, "engine": 5,
-    "simulator": 6,
+    "simulator": 6, "executors": 6,
     "runtimes": 7,
     "config": 8,
     "prepare": 9,

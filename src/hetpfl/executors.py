@@ -17,6 +17,7 @@ stage raised. No algorithm sees which executor ran it.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import traceback
@@ -143,7 +144,9 @@ class ProcessExecutor:
             record = host.store.get(c)
             tasks.append((c, stage, rnd, messages[c].to_bytes(), None if record is None else record.to_bytes()))
         outcomes: dict[int, Outcome] = {}
-        for client, reply, record, failure in pool.imap(_run_client, tasks):  # in client order
+        # a few tasks per worker: one round trip per task costs milliseconds, small clients train in less
+        chunk = max(1, math.ceil(len(tasks) / (4 * self.workers)))
+        for client, reply, record, failure in pool.imap(_run_client, tasks, chunksize=chunk):  # in client order
             if failure is not None:
                 kind, text, trace = failure
                 if host.run.on_client_error == "raise":
