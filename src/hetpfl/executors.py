@@ -110,13 +110,18 @@ def _run_client(task: tuple[int, str, int, bytes, bytes | None]) -> tuple[int, b
         store._records.pop(client, None)  # the parent keeps the record
 
 
+def worker_count(workers: int = 0) -> int:
+    """The processes executor's workers: ``workers``, or one per CPU core for 0 (``runtime.workers``)."""
+    return workers or (os.cpu_count() or 1)
+
+
 class ProcessExecutor:
     """The clients of a stage over worker processes (module docstring)."""
 
     batched = False
 
     def __init__(self, workers: int = 0) -> None:
-        self.workers = workers or (os.cpu_count() or 1)
+        self.workers = worker_count(workers)
         self._pool: Any = None
         self._host: ClientHost | None = None
 
@@ -175,4 +180,4 @@ def make_executor(name: str, workers: int = 0) -> Executor:
 
 
 __all__ = ["EXECUTORS", "ClientProcessError", "Executor", "Failed", "Outcome", "ProcessExecutor",
-           "SequentialExecutor", "make_executor"]
+           "SequentialExecutor", "make_executor", "worker_count"]

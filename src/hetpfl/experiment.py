@@ -9,7 +9,6 @@ writes the results folder. A run with ``runtime.checkpoint_every > 0`` saves its
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from . import __version__, runfolder
 from .config import ExperimentConfig, config_yaml, load_config
 from .configuration import ConfigError
 from .engine import HEATMAPS, VISUALS, CheckpointPolicy, latest_checkpoint
+from .executors import worker_count
 from .numerics import portable_numerics_active
 from .prepare import Prepared, prepare, run_from_yaml
 from .runfolder import CHECKPOINTS
@@ -139,7 +139,7 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
         "runtime": runtime_name,
         "executor": runtime.executor,
         "kernels": runtime.kernels,
-        **({"workers": runtime.workers or os.cpu_count()} if runtime.executor == "processes" else {}),
+        **({"workers": worker_count(runtime.workers)} if runtime.executor == "processes" else {}),
         "setup_time_s": setup_s,
         "clients": prepared.clients,
         **({"setup": prepared.setup} if prepared.setup else {}),
