@@ -19,17 +19,56 @@ from hetpfl.state import load_tree, save_tree
 CONFIG = Path(__file__).parent / "configs" / "alg" / "mosaic.yaml"
 
 
+def _whole(state):
+    """The sub-model index of a full-width client: every entry of every array."""
+    return {k: tuple(np.arange(d) for d in np.shape(v)) for k, v in state.items()}
+
+
 def test_a_class_expert_is_the_class_count_weighted_average():
     rng = np.random.default_rng(0)
-    states = [{"w.x": rng.normal(size=(3, 2)).astype(np.float32), "b.n": np.array(i, np.int64)} for i in range(3)]
+    states = [{"w.x": rng.normal(size=(3, 2)).astype(np.float32), "b.n": np.array([i], np.int64)} for i in range(3)]
+    full = {"w.x": np.zeros((3, 2), np.float32), "b.n": np.array([0], np.int64)}
     counts = [np.array([5, 0, 1]), np.array([1, 0, 0]), np.array([0, 0, 3])]
-    experts = class_experts(states, counts, num_classes=3)
+    experts = class_experts({}, full, states, [_whole(s) for s in states], counts, num_classes=3)
     expected0 = (5 * states[0]["w.x"].astype(np.float64) + 1 * states[1]["w.x"]) / 6
     np.testing.assert_allclose(experts[0]["w.x"], expected0, rtol=1e-6)
-    assert experts[1] is None  # nobody holds class 1
+    assert 1 not in experts  # nobody holds class 1: no expert this round
     expected2 = (1 * states[0]["w.x"].astype(np.float64) + 3 * states[2]["w.x"]) / 4
     np.testing.assert_allclose(experts[2]["w.x"], expected2, rtol=1e-6)
-    np.testing.assert_array_equal(class_experts(states[:1], counts[:1], 3)[2]["w.x"], states[0]["w.x"])  # one holder
+    one = class_experts({}, full, states[:1], [_whole(states[0])], counts[:1], 3)
+    np.testing.assert_array_equal(one[2]["w.x"], states[0]["w.x"])  # one holder
+
+
+def test_a_robust_rule_keeps_a_hostile_client_from_steering_every_expert():
+    """A client that claims every class with a huge count and uploads scaled weights owns every
+    count-weighted expert; under the experiment's median rule each expert stays among the honest."""
+    from hetpfl.algorithms.robust import AggregationOptions
+
+    rng = np.random.default_rng(1)
+    honest = [{"w.x": (1.0 + 0.01 * rng.normal(size=(4,))).astype(np.float32)} for _ in range(4)]
+    hostile = {"w.x": np.full(4, -100.0, np.float32)}
+    states = [*honest, hostile]
+    counts = [np.array([10, 10]), np.array([10, 10]), np.array([10, 0]), np.array([0, 10]), np.array([10**6, 10**6])]
+    args = ({}, {"w.x": np.zeros(4, np.float32)}, states, [_whole(s) for s in states], counts, 2)
+    mean = class_experts(*args)
+    median = class_experts(*args, AggregationOptions(rule="median"))
+    for c in (0, 1):
+        assert np.all(mean[c]["w.x"] < -99)  # the claimed counts win the weighted mean
+        holders = np.stack([s["w.x"] for s, n in zip(honest, counts) if n[c] > 0]).astype(np.float64)
+        assert np.all(median[c]["w.x"] >= holders.min(axis=0)) and np.all(median[c]["w.x"] <= holders.max(axis=0))
+    trimmed = class_experts(*args, AggregationOptions(rule="trimmed_mean", trim_fraction=0.25))
+    assert all(np.all(np.abs(trimmed[c]["w.x"] - 1.0) < 0.1) for c in (0, 1))
+
+
+def test_a_mosaic_run_under_a_robust_rule_uses_it_for_the_experts(monkeypatch, tmp_path):
+    """The server hands the experiment's rule to the experts, not only to the global model."""
+    import hetpfl.algorithms.mosaic as mosaic
+
+    seen = []
+    original = mosaic.class_experts
+    monkeypatch.setattr(mosaic, "class_experts", lambda *a: seen.append(a[-1]) or original(*a))
+    run_experiment(load_config(CONFIG, ["aggregation.rule=trimmed_mean", "rounds=2", "algorithm.warmup_rounds=2"]), tmp_path)
+    assert seen and all(options.rule == "trimmed_mean" for options in seen)
 
 
 def test_prototypes_are_kmeans_centres_or_the_mean_of_a_small_class():

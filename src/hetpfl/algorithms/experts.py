@@ -2,7 +2,8 @@
 
 * :func:`class_experts`: from the clients' weights θ_i and class counts n_ic, one expert per class,
   ``e_c = Σ_i n_ic θ_i / Σ_i n_ic`` (Mosaic's code: the FedAvg rule with class c's counts as the
-  weights). A class no client in the round holds has no expert this round (None).
+  weights), entry-wise over width sub-models; a robust ``aggregation`` rule replaces the weighted
+  mean. A class no client in the round holds keeps its former expert.
 * :func:`class_prototypes`: a client's per-class summary of its penultimate features: the
   ``k``-means centres of each class's features, or the class mean when the class has fewer than
   ``k`` samples (Mosaic's code: k = 10).
@@ -10,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,19 +19,26 @@ from torch import nn
 
 from ..learn.tensors import as_input_tensor
 from .clustering import kmeans
-from .weights import weighted_average
+from .robust import AggregationOptions
+from .submodels import average_submodels
 
 
-def class_experts(states: Sequence[dict[str, np.ndarray]], class_counts: Sequence[np.ndarray],
-                  num_classes: int) -> list[dict[str, np.ndarray] | None]:
-    """``[e_0, ..., e_{C-1}]``: e_c = Σ_i n_ic θ_i / Σ_i n_ic over the given clients (None where
-    no client holds class c)."""
-    counts = np.stack([np.asarray(c, dtype=np.float64).reshape(-1)[:num_classes] for c in class_counts])
-    experts: list[dict[str, np.ndarray] | None] = []
+def class_experts(previous: Mapping[int, dict[str, np.ndarray]], full: Mapping[str, np.ndarray],
+                  subs: Sequence[Mapping[str, np.ndarray]], indices: Sequence[Mapping[str, tuple[np.ndarray, ...]]],
+                  class_counts: Sequence[np.ndarray], num_classes: int,
+                  options: AggregationOptions | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """The round's experts ``{c: e_c}``: e_c = Σ_i n_ic θ_i / Σ_i n_ic over the clients holding class c
+    (entry-wise over the sub-models holding each entry; a class's former expert, else ``full``,
+    keeps the entries none of them holds). Classes no client holds are left out. ``options``: the
+    experiment's ``aggregation``; ``median`` / ``trimmed_mean`` replace the count-weighted mean over
+    each class's holders, so a few hostile uploads (or hostile counts) cannot steer an expert."""
+    experts = {}
     for c in range(num_classes):
-        holders = [i for i in range(len(states)) if counts[i, c] > 0]
-        experts.append(weighted_average([states[i] for i in holders], [counts[i, c] for i in holders])
-                       if holders else None)
+        holders = [i for i, n in enumerate(class_counts) if n[c] > 0]
+        if holders:
+            experts[c] = average_submodels(previous.get(c, full), [subs[i] for i in holders],
+                                           [indices[i] for i in holders], [class_counts[i][c] for i in holders],
+                                           options)
     return experts
 
 

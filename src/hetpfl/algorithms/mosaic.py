@@ -13,7 +13,8 @@ Every round t (clients of one architecture, possibly at several widths: FedRolex
               samples) — then trains (the shared routine; lr ↓ after distillation) and uploads its
               weights θ_i, its class counts n_ic and the prototypes.
   SERVER      W^{t+1} = entry-wise Σ n_i θ_i / Σ n_i (FedAvg; FedRolex with widths);
-              class experts e_c = Σ_i n_ic θ_i / Σ_i n_ic (entry-wise likewise);
+              class experts e_c = Σ_i n_ic θ_i / Σ_i n_ic (entry-wise likewise; both under the
+              experiment's robust ``aggregation`` rule when it has one);
               prototypes pooled over those rounds.
   at t = T_w − 1, after aggregating:
     META      a Transformer over the experts' logits (one token per expert) learns CE on the pooled
@@ -56,7 +57,7 @@ from ..messages import ArrayField, Message, Schema, StageSchema
 from ..models import META_EXPANSIONS, MixtureTeacher, ModuleSpec, generator_spec
 from ..models.width import WIDTH_MODES
 from .base import AlgorithmSpec, ClientContext, Comm, ServerSetup, train_locally, weight_fields
-from .experts import class_prototypes, penultimate_features
+from .experts import class_experts, class_prototypes, penultimate_features
 from .heterofl import HeteroFLClient, HeteroFLConfig, HeteroFLServer
 from .submodels import average_submodels, check_width_clients, client_width, submodel_arrays
 
@@ -178,12 +179,8 @@ class MosaicServer(HeteroFLServer):
         counts = [replies[k].arrays["class_counts"].astype(np.float64) for k in order]
         arrays_to_state(self.global_model, average_submodels(full, arrays, indices, [n.sum() for n in counts],
                                                                 self.setup.aggregation))
-        for cls in range(self.setup.num_classes):  # e_c, entry-wise over the clients holding class c
-            holders = [i for i, n in enumerate(counts) if n[cls] > 0]
-            if holders:
-                base = self.experts.get(cls, full)
-                self.experts[cls] = average_submodels(base, [arrays[i] for i in holders], [indices[i] for i in holders],
-                                                      [counts[i][cls] for i in holders])
+        self.experts.update(class_experts(self.experts, full, arrays, indices, counts, self.setup.num_classes,
+                                          self.setup.aggregation))
         if self.wants_prototypes(rnd):
             self.pool_prototypes([replies[k] for k in order], indices)
         measures = {"prototypes": float(len(self.prototype_labels)), "generators": float(len(self.generators))}
@@ -364,7 +361,7 @@ TRAIN = StageSchema(
     up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int},
               arrays={"class_counts": ArrayField(dtype="int64", shape=("num_classes",)), "prototypes": PROTOTYPES,
                       "prototype_labels": ArrayField(dtype="int64", shape=(None,))},
-              optional=frozenset({"prototypes", "prototype_labels"})),
+              optional=frozenset({"prototypes", "prototype_labels"}), returns_sent=True),  # the sub-model sent
 )
 GENERATOR = StageSchema(up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int}))
 
