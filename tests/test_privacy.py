@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from conftest import recording_transport, small_config
 
+from hetpfl.algorithms import ALGORITHMS
 from hetpfl.clienthost import ClientHost, make_store
 from hetpfl.configuration import ConfigError
 from hetpfl.engine import run_rounds
 from hetpfl.messages import ArrayField, Message, Schema
 from hetpfl.prepare import prepare
-from hetpfl.privacy import PrivacyOptions, epsilon, privatize, sensitivity
+from hetpfl.privacy import PrivacyOptions, check_privacy, epsilon, privatize, releases_in, sensitivity
 
 PROBS = Schema(arrays={"probs": ArrayField(shape=(None, None), probabilities=True)})
 SCORES = Schema(arrays={"scores": ArrayField(shape=(None, None), logits=True)}, scalars={"num_examples": int})
@@ -69,10 +70,10 @@ def test_epsilon_is_opacus_rdp_accountant_and_grows_with_releases_and_shrinks_wi
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"algorithm": "fedavg", "privacy.mechanism": "gaussian"},
-     "privacy.mechanism='gaussian': fedavg uploads no predictions to protect"),
-    ({"algorithm": "feddistill", "privacy.mechanism": "gaussian"},  # a guarantee covers the whole upload
-     "privacy.mechanism='gaussian': feddistill also uploads train.num_examples, which the mechanism does not cover"),
+    ({"algorithm": "local", "privacy.mechanism": "gaussian"},
+     "privacy.mechanism='gaussian': local uploads nothing the mechanism protects"),
+    ({"algorithm": "ifca", "privacy.mechanism": "gaussian"},  # a guarantee covers the whole upload
+     "privacy.mechanism='gaussian': ifca uploads train.cluster, which the mechanism does not cover"),
     ({"privacy.mechanism": "gaussian", "privacy.noise_multiplier": 0}, "privacy.noise_multiplier=0"),
     ({"privacy.mechanism": "laplace"}, "privacy.mechanism='laplace': expected one of none, gaussian"),
     ({"privacy.mechanism": "gaussian", "privacy.delta": 1}, "privacy.delta=1"),
@@ -126,3 +127,87 @@ def test_privacy_spent_survives_a_resume(tmp_path):
     assert resumed["privacy"] == whole["privacy"]
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
     assert json.loads((tmp_path / "whole" / "summary.json").read_text())["privacy"]["epsilon_max"] > 0
+
+
+WEIGHTS = Schema(prefix_arrays={"w.": ArrayField(shape=None), "b.": ArrayField(dtype="int64", shape=None)},
+                 scalars={"num_examples": int}, returns_sent=True)
+
+
+def test_a_weight_update_is_clipped_as_a_whole_and_noised_around_what_was_sent():
+    rng = np.random.default_rng(0)
+    sent = Message({"w.a": rng.normal(size=(3000,)).astype(np.float32),
+                    "w.bn.running_var": np.full(2000, 0.01, np.float32), "b.bn.steps": np.array(7)})
+    trained = Message({"w.a": sent.arrays["w.a"] + 5.0, "w.bn.running_var": sent.arrays["w.bn.running_var"],
+                       "b.bn.steps": np.array(9)}, {"num_examples": 40})
+    out = privatize(trained, WEIGHTS, PrivacyOptions(mechanism="gaussian", noise_multiplier=0.001, clip_weights=3.0),
+                    seed=0, client=0, rnd=0, stage="train", sent=sent)
+    update = np.concatenate([out.arrays["w.a"] - sent.arrays["w.a"],
+                             out.arrays["w.bn.running_var"] - sent.arrays["w.bn.running_var"]]).astype(np.float64)
+    std = 0.001 * 2 * 3.0  # σ · 2·clip_weights
+    clipped = 3.0 / np.sqrt(3000)  # the update of norm 5·√3000 scaled to norm 3, all in w.a
+    assert np.mean(update[:3000]) == pytest.approx(clipped, abs=4 * std / np.sqrt(3000))
+    assert np.std(update[:3000]) == pytest.approx(std, rel=0.1)
+    assert (out.arrays["w.bn.running_var"] >= 0).all()  # post-processing keeps a variance one
+    assert int(out.arrays["b.bn.steps"]) == 9 and out.scalars == {"num_examples": 40}  # public: as they were
+    assert releases_in(out, WEIGHTS) == 1
+
+
+def test_a_model_nothing_was_sent_for_is_released_from_zero():
+    weights = Message({"w.g": np.full(100, 10.0, np.float32)}, {"num_examples": 5})
+    out = privatize(weights, WEIGHTS, PrivacyOptions(mechanism="gaussian", noise_multiplier=1e-6, clip_weights=1.0),
+                    seed=0, client=0, rnd=0, stage="generator")
+    np.testing.assert_allclose(np.linalg.norm(out.arrays["w.g"]), 1.0, rtol=1e-3)  # clipped as a whole
+
+
+PROTOTYPE_UPLOAD = Schema(
+    arrays={"prototypes": ArrayField(shape=(None, None), private="prototypes"),
+            "prototype_labels": ArrayField(dtype="int64", shape=(None,), private="prototype_labels"),
+            "class_counts": ArrayField(dtype="int64", shape=(None,), private="class_counts")},
+    scalars={"num_examples": int})
+
+
+def test_prototypes_become_one_row_per_class_and_counts_stay_counts():
+    """Which classes a client holds is private: the release has a row for every class, clipped and
+    noised at √C·2·clip; counts are rounded into [0, n] around n_c with noise √2·n."""
+    rows = np.array([[3.0, 4.0], [3.0, 4.0], [0.0, 0.5]], np.float32)  # class 2 twice (norm 5), class 0 once
+    reply = Message({"prototypes": rows, "prototype_labels": np.array([2, 2, 0]),
+                     "class_counts": np.array([1, 0, 2, 0])}, {"num_examples": 3})
+    options = dict(mechanism="gaussian", noise_multiplier=1e-4, clip=1.0)
+    out = privatize(reply, PROTOTYPE_UPLOAD, PrivacyOptions(**options), seed=0, client=0, rnd=0, stage="train",
+                    num_classes=4)
+    np.testing.assert_array_equal(out.arrays["prototype_labels"], [0, 1, 2, 3])
+    np.testing.assert_allclose(out.arrays["prototypes"], [[0, 0.5], [0, 0], [0.6, 0.8], [0, 0]], atol=0.01)
+    np.testing.assert_array_equal(out.arrays["class_counts"], [1, 0, 2, 0])  # σ·√2·n ≪ 0.5: rounds back
+    assert releases_in(out, PROTOTYPE_UPLOAD) == 2
+    loud = privatize(reply, PROTOTYPE_UPLOAD, PrivacyOptions(mechanism="gaussian", noise_multiplier=5.0), seed=0,
+                     client=0, rnd=0, stage="train", num_classes=4)
+    assert ((loud.arrays["class_counts"] >= 0) & (loud.arrays["class_counts"] <= 3)).all()
+    many = privatize(Message({"prototypes": np.zeros((1, 20000), np.float32), "prototype_labels": np.array([0]),
+                              "class_counts": np.array([1, 0, 0, 0])}, {"num_examples": 1}), PROTOTYPE_UPLOAD,
+                     PrivacyOptions(mechanism="gaussian", noise_multiplier=0.5, clip=2.0), seed=0, client=0, rnd=0,
+                     stage="train", num_classes=4)
+    assert many.arrays["prototypes"].std() == pytest.approx(0.5 * np.sqrt(4) * 2 * 2.0, rel=0.05)
+
+
+@pytest.mark.parametrize("method", sorted(ALGORITHMS))
+def test_every_method_the_mechanism_accepts_runs_under_it_and_spends_privacy(method, tmp_path):
+    """Registered methods are covered by being registered: the mechanism either refuses a method at
+    config time, naming what would travel in the clear, or the method's contract run finishes under it
+    with finite figures and every sampled client's ε above 0."""
+    from test_contract import method_config
+
+    from hetpfl.algorithms import get_algorithm
+    from hetpfl.configuration import FieldError
+    from hetpfl.experiment import run_experiment
+
+    spec = get_algorithm(method)
+    try:
+        check_privacy(PrivacyOptions(mechanism="gaussian"), dict(spec.schemas), method)
+    except FieldError as refused:
+        assert "privacy.mechanism" in str(refused) and ("uploads" in str(refused))
+        return
+    config = method_config(method, **{"privacy.mechanism": "gaussian", "privacy.noise_multiplier": 0.01})
+    summary = run_experiment(config, tmp_path)
+    spent = summary["privacy"]
+    assert spent["epsilon_max"] > 0 and all(np.isfinite(v) for v in spent["epsilon_by_client"])
+    assert all(np.isfinite(v) for v in summary["final"].values() if isinstance(v, float))

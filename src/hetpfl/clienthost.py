@@ -246,7 +246,8 @@ class ClientHost:
         if client in run.adversarial_clients:
             return tamper(reply, sent, up, run.adversaries, seed=run.seed, client=client, rnd=rnd, stage=stage)
         if run.privacy.active:
-            return privatize(reply, up, run.privacy, seed=run.seed, client=client, rnd=rnd, stage=stage)
+            return privatize(reply, up, run.privacy, seed=run.seed, client=client, rnd=rnd, stage=stage, sent=sent,
+                             num_classes=run.data.num_classes)
         return reply
 
     def handle_group(self, clients: list[int], stage: str, rnd: int, messages: Mapping[int, Message],

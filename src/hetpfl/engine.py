@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .adversaries import AdversaryOptions
-from .privacy import PrivacyOptions, epsilon
+from .privacy import PrivacyOptions, epsilon, releases_in
 from .algorithms.robust import AggregationOptions
 from .algorithms.base import EVALUATE_SCHEMA, EVALUATE_STAGE, AlgorithmSpec, ClientTraining, Server, ServerSetup
 from .data import FederatedData
@@ -215,7 +215,7 @@ class Ledger:
         self.failures: dict[int, str] = {}
         self.stage_bytes: dict[str, list[int]] = {}  # stage -> [up, down], all clients
         self.stage_seconds: dict[str, float] = {}  # stage -> seconds of its exchanges
-        self.releases = np.zeros(num_clients, dtype=np.int64)  # uploads of predictions (privacy accounting)
+        self.releases = np.zeros(num_clients, dtype=np.int64)  # Gaussian releases (privacy accounting)
 
     def reset(self) -> None:
         self.__init__(self.num_clients)
@@ -252,9 +252,9 @@ class RoundComm:
         if stage != EVALUATE_STAGE:  # evaluation is timed on its own
             self.ledger.transport_seconds += time.perf_counter() - started
             self.ledger.client_seconds += result.client_seconds
-        if self.run.privacy.active and schema.up.prediction_fields():
-            for client in result.replies:  # every upload that arrived spent privacy, valid or not
-                self.ledger.releases[client] += 1
+        if self.run.privacy.active and stage != EVALUATE_STAGE:
+            for client, reply in result.replies.items():  # every upload that arrived spent privacy, valid or not
+                self.ledger.releases[client] += releases_in(reply, schema.up)
         replies: dict[int, Message] = {}
         for client in sorted(result.replies):
             if client not in outgoing:
@@ -365,7 +365,7 @@ class RunState:
     stage_bytes: dict[str, list[int]] = field(default_factory=dict)  # stage -> [up, down], whole run
     stage_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds, whole run
     phase_s: dict[str, float] = field(default_factory=dict)  # server phase -> seconds, whole run
-    releases: list[int] = field(default_factory=list)  # per client: predictions uploaded (privacy)
+    releases: list[int] = field(default_factory=list)  # per client: Gaussian releases (privacy)
 
     @classmethod
     def fresh(cls, num_clients: int) -> "RunState":

@@ -120,6 +120,10 @@ def _read_chunk(stream: io.BytesIO) -> bytes:
 Dim = Union[int, str, None]  # a fixed size, a named size bound at validation time, or anything
 
 
+# Arrays besides predictions and weights that the privacy mechanism knows how to release (privacy.py).
+PRIVATE_KINDS = ("prototypes", "prototype_labels", "class_counts")
+
+
 @dataclass(frozen=True)
 class ArrayField:
     """What one named array must look like.
@@ -139,6 +143,11 @@ class ArrayField:
     magnitude: float | None = None  # |value| at most this (finite but absurd numbers, e.g. scores of 3e38)
     low: float | None = None  # smallest value allowed
     below: int | str | None = None  # values must be < this (a number or a named size, e.g. "num_classes")
+    private: str | None = None  # how the privacy mechanism releases it, one of PRIVATE_KINDS (privacy.py)
+
+    def __post_init__(self) -> None:
+        if self.private is not None and self.private not in PRIVATE_KINDS:
+            raise ValueError(f"ArrayField.private={self.private!r}: expected one of {', '.join(PRIVATE_KINDS)}")
 
 
 # Bounds of the scalars every method's replies share, wherever a schema declares them (a schema's

@@ -9,6 +9,14 @@ AVX2 paths removes the difference: with these variables the AVX-512 machine give
 records byte for byte. They are read when the libraries load, so they must be in the environment
 before the process starts; ``hetpfl run --portable-numerics`` restarts itself with them set. The cost
 is speed on processors with wider vectors (a few percent on the small models here).
+
+Not every processor follows the pins: on an Intel Xeon with AMX and AVX512-FP16 (Sapphire Rapids,
+measured 2026-12-05) ``configs/default.yaml`` still gives other records, from round 0 and only for
+its ``mobilenet_small`` clients (depthwise convolutions: both oneDNN's and MKL's paths change the bytes
+there under other settings of their variables, and no setting tried — ``MKL_CBWR=AVX2,STRICT`` or
+``COMPATIBLE``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``, NumPy's ``NPY_DISABLE_CPU_FEATURES`` — gave the
+recorded bytes). :func:`portable_numerics_reproduces_records` says so for such a processor; the same
+seed still gives the same bytes on it, run after run.
 """
 
 from __future__ import annotations
@@ -41,6 +49,15 @@ def portable_numerics_supported() -> bool:
         return " avx2" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+def portable_numerics_reproduces_records() -> bool:
+    """Whether the pins are known to reproduce the AVX2 machine's records here (not on processors
+    with AMX tiles: see the module's docstring)."""
+    try:
+        return " amx_tile" not in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
 
 
 def restart_with_portable_numerics(argv: Sequence[str]) -> NoReturn:

@@ -213,7 +213,7 @@ def check_dfrd(config: DFRDConfig, run: Any) -> None:
 TRAIN = StageSchema(
     down=Schema(prefix_arrays=weight_fields()),
     up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int},
-              arrays={"label_counts": ArrayField(dtype="int64", shape=("num_classes",))}),
+              arrays={"label_counts": ArrayField(dtype="int64", shape=("num_classes",), private="class_counts")}),
 )
 
 SPEC = AlgorithmSpec(

@@ -163,7 +163,7 @@ def check_fedftg(config: FedFTGConfig, run: Any) -> None:
 TRAIN = StageSchema(
     down=Schema(prefix_arrays=weight_fields()),
     up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int},
-              arrays={"class_counts": ArrayField(dtype="int64", shape=("num_classes",))}),
+              arrays={"class_counts": ArrayField(dtype="int64", shape=("num_classes",), private="class_counts")}),
 )
 
 SPEC = AlgorithmSpec(

@@ -227,7 +227,7 @@ TRAIN = StageSchema(
                 arrays={"label_probs": ArrayField(dtype="float32", shape=("num_classes",), probabilities=True)},
                 optional=frozenset({"label_probs"})),
     up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int},
-              arrays={"label_counts": ArrayField(dtype="int64", shape=("num_classes",))}),
+              arrays={"label_counts": ArrayField(dtype="int64", shape=("num_classes",), private="class_counts")}),
 )
 
 SPEC = AlgorithmSpec(

@@ -355,12 +355,13 @@ def check_mosaic(config: MosaicConfig, run: Any) -> None:
             raise FieldError(f"algorithm.{key}", spec.arch, str(exc)) from None
 
 
-PROTOTYPES = ArrayField(dtype="float32", shape=(None, None))
+PROTOTYPES = ArrayField(dtype="float32", shape=(None, None), private="prototypes")
 TRAIN = StageSchema(
     down=Schema(prefix_arrays=weight_fields(), scalars={"prototypes": bool, "lr": float}, optional=frozenset({"lr"})),
     up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int},
-              arrays={"class_counts": ArrayField(dtype="int64", shape=("num_classes",)), "prototypes": PROTOTYPES,
-                      "prototype_labels": ArrayField(dtype="int64", shape=(None,))},
+              arrays={"class_counts": ArrayField(dtype="int64", shape=("num_classes",), private="class_counts"),
+                      "prototypes": PROTOTYPES,
+                      "prototype_labels": ArrayField(dtype="int64", shape=(None,), private="prototype_labels")},
               optional=frozenset({"prototypes", "prototype_labels"}), returns_sent=True),  # the sub-model sent
 )
 GENERATOR = StageSchema(up=Schema(prefix_arrays=weight_fields(), scalars={"num_examples": int}))
