@@ -2,7 +2,8 @@
 
 Every round t:
   CLIENT i  the routine COSMOS clients run (pseudo_label_client.PseudoLabelClient): distill the
-            received targets (from round 1 on), train on private data, upload p_i = softmax(f_i(U)).
+            received targets (from round 1 on; Adam at lr 8e-4, the code's COMET value), train on
+            private data, upload p_i = softmax(f_i(U)).
   SERVER    k-means with K clusters on the flattened p_i (every round, warm started from the last
             round's centroids, as COSMOS's code runs its COMET baseline); each cluster's targets
             are the mean of its members' p_i; they go to the members at the start of the next
@@ -24,6 +25,7 @@ from .soft_labels import AGGREGATIONS, aggregate_probabilities
 
 @dataclass
 class CometConfig(PseudoLabelClientConfig):
+    distill_lr: float = option(8e-4, gt=0)  # COSMOS's code: client distillation lr of its COMET baseline
     num_clusters: int = option(5, ge=1)  # K (COSMOS's COMET baseline uses 5, the number of data groups)
     aggregation: str = option("mean", choices=AGGREGATIONS)  # COMET averages its cluster's soft labels
     recluster_every_round: bool = True  # COMET re-clusters each round (warm-started k-means)
