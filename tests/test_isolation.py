@@ -86,7 +86,8 @@ def test_no_walk_from_a_client_stage_or_the_server_finds_the_public_labels(tmp_p
             frame = frame.f_back
         with warnings.catch_warnings():  # isinstance() on torch's deprecated lazy attributes warns
             warnings.simplefilter("ignore")
-            found = _holding_the_labels(_heap(), dropped["fingerprint"], dropped["size"], indices)
+            fresh = [o for o in _heap() if id(o) not in earlier]  # this run's objects, not earlier tests'
+            found = _holding_the_labels(fresh, dropped["fingerprint"], dropped["size"], indices)
             found += _holding_the_labels(frames, dropped["fingerprint"], dropped["size"], indices)
             near = _reachable(root, namespaces)
         found += [f"a {type(o).__name__} reachable from {where}" for o in near if isinstance(o, (RunSpec, FederatedData))]
@@ -113,6 +114,9 @@ def test_no_walk_from_a_client_stage_or_the_server_finds_the_public_labels(tmp_p
         with pytest.raises(PublicLabelsWithheld, match="holds no labels"):
             prepared.run.data.public.labels_for_evaluation()
 
+    gc.collect()  # objects alive now belong to earlier tests of this process (kept alive: no id is reused)
+    before = _heap()
+    earlier = {id(o) for o in before} | {id(before)}
     run_experiment(config, tmp_path / "out", on_prepared=on_prepared)
     assert dropped["size"] == len(indices) > 0
     assert set(walks) == {"a client stage", "the server"}
