@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import recording_transport, small_config
 
+from hetpfl.algorithms.fedmd import softmax
 from hetpfl.clienthost import ClientHost, make_store
 from hetpfl.engine import run_rounds
 from hetpfl.prepare import prepare
@@ -18,11 +19,6 @@ def recorded(algorithm: str, **overrides):
     transport = recording_transport(ClientHost(run, make_store("memory")))
     run_rounds(run, transport)
     return run, transport
-
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def test_the_original_fedmd_averages_class_scores():

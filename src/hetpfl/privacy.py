@@ -78,8 +78,7 @@ def check_privacy(options: PrivacyOptions, schemas: dict, method: str) -> None:
     if not options.active:
         return
     ups = [stage.up for name, stage in schemas.items() if name != EVALUATE_STAGE]
-    if not any(up.prediction_fields() or "w." in up.prefix_arrays or any(s.private for s in up.arrays.values())
-               for up in ups):
+    if not any(_released_parts(up, [*up.arrays, *up.prefix_arrays]) for up in ups):
         raise FieldError("privacy.mechanism", options.mechanism, f"{method} uploads nothing the mechanism protects "
                          f"(predictions, weights, class prototypes or class counts)")
     clear = sorted({f"{name}.{field}" for name, stage in schemas.items() if name != EVALUATE_STAGE
@@ -108,15 +107,21 @@ def _unprotected(up: Schema) -> list[str]:
 def releases_in(reply: Message, up: Schema) -> int:
     """How many Gaussian releases an upload made (one per prediction field, one for the weights, one
     for the prototypes, one for the class counts): what the accountant composes."""
-    parts = [n for n in up.prediction_fields() if n in reply.arrays]
-    parts += [spec.private for n, spec in up.arrays.items() if spec.private in ("prototypes", "class_counts")
-              and n in reply.arrays]
-    weights = "w." in up.prefix_arrays and any(n.startswith("w.") for n in reply.arrays)
-    return len(parts) + int(weights)
+    return len(_released_parts(up, list(reply.arrays)))
+
+
+def _released_parts(up: Schema, names: list[str]) -> list[str]:
+    """The parts of an upload holding the arrays ``names`` that go through the mechanism, each one
+    release (a ``w.`` name stands for all the weights; prototype labels travel with the prototypes)."""
+    parts = [n for n in up.prediction_fields() if n in names]
+    parts += [n for n, spec in up.arrays.items() if spec.private in ("prototypes", "class_counts") and n in names]
+    if "w." in up.prefix_arrays and any(n.startswith("w.") for n in names):
+        parts.append("w.")
+    return parts
 
 
 def sensitivity(rows: int, probabilities: bool, clip: float) -> float:
-    """L2 distance between any two uploads of ``rows`` rows (see the module's step 2)."""
+    """L2 distance between any two prediction uploads of ``rows`` rows (the module's docstring)."""
     return math.sqrt(rows) * (math.sqrt(2.0) if probabilities else 2.0 * clip)
 
 
