@@ -3,7 +3,8 @@
 # into OUT_DIR/<config path without .yaml>/seed<S>. Resumable: a run whose summary.json exists is
 # skipped, so the script can be started again after an interruption. Then `hetpfl report` tables it.
 #
-# Usage: benchmarks/run_configs.sh CONFIG_DIR OUT_DIR [SEEDS="0 1 2"] [PARALLEL=2] [EXCLUDE_REGEX]
+# Usage: benchmarks/run_configs.sh CONFIG_DIR OUT_DIR [SEEDS="0 1 2"] [PARALLEL=2] [EXCLUDE_REGEX] [INCLUDE_REGEX]
+#   (the regexes match config paths relative to CONFIG_DIR, e.g. '^mnist/')
 #   (needs HETPFL_DATA_DIR for real datasets; the Makefile's default is ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,7 @@ OUT=${2:?results folder}
 SEEDS=${3:-0 1 2}
 PARALLEL=${4:-2}
 EXCLUDE=${5:-^$}
+INCLUDE=${6:-.}
 export HETPFL=${HETPFL:-.venv/bin/hetpfl}
 export HETPFL_DATA_DIR=${HETPFL_DATA_DIR:-$(realpath ../shared/data)}
 export OUT CONFIG_DIR
@@ -19,6 +21,7 @@ jobs=()
 while IFS= read -r config; do
   rel=${config#"$CONFIG_DIR"/}
   [[ "$rel" =~ $EXCLUDE ]] && continue
+  [[ "$rel" =~ $INCLUDE ]] || continue
   for seed in $SEEDS; do
     jobs+=("${rel%.yaml} $seed")
   done
