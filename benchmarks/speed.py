@@ -7,7 +7,9 @@ timed (the first warms up). Three ways of running it:
 
 * ``sequential/reference``: the simulator as it was (one client after another, the former kernels);
 * ``sequential/fast``: the default kernels (fused optimizer updates, channels-last conv nets);
-* ``processes/fast``: the clients spread over one worker process per core.
+* ``processes/fast``: the clients spread over one worker process per core;
+* ``batched/fast``: each group of same-architecture clients trained as one stacked model
+  (``mlp`` and the plain ``cnn_*`` nets; others run as ``sequential/fast``).
 
 GFLOP/s counts a training sample as 3× its forward FLOPs (forward + two backward products) and is
 set against the fp32 and bf16 matrix-product peaks measured here (one thread, and all cores).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ from hetpfl.experiment import load_config, run_experiment
 from hetpfl.models import ModuleSpec, build_module, count_flops
 
 VARIANTS = {"sequential/reference": ("sequential", "reference"), "sequential/fast": ("sequential", "fast"),
-            "processes/fast": ("processes", "fast")}
+            "processes/fast": ("processes", "fast"), "batched/fast": ("batched", "fast")}
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28)}
 
 
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 10, 25, 100])
     parser.add_argument("--per-client", type=int, default=64, help="training samples per client")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats per setting (the median is shown)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     peaks = {(name, t): matmul_peak(dtype, t) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
@@ -92,11 +96,14 @@ def main() -> None:
             flops = count_flops(build_module(ModuleSpec.parse(model), shape, 10, "image"), shape)
             for n in args.clients:
                 first = None
-                for variant in args.variants:
-                    executor, kernels = VARIANTS[variant]
-                    if n == 1 and executor == "processes":
-                        continue  # one client: nothing to spread
-                    seconds, samples = training_seconds(model, dataset, n, args.per_client, executor, kernels)
+                variants = [v for v in args.variants if n > 1 or VARIANTS[v][0] == "sequential"]  # 1 client: nothing to spread
+                timings: dict[str, list[float]] = {v: [] for v in variants}
+                for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
+                    for variant in variants:
+                        seconds, samples = training_seconds(model, dataset, n, args.per_client, *VARIANTS[variant])
+                        timings[variant].append(seconds)
+                for variant in variants:
+                    seconds = statistics.median(timings[variant])
                     rate = samples / seconds
                     gflops = 3 * flops * rate / 1e9
                     first = first or rate

@@ -32,11 +32,11 @@ def _rows(out):
 
 def test_a_client_raising_in_a_worker_is_recorded_as_the_sequential_executor_records_it(tmp_path, monkeypatch):
     monkeypatch.setattr(FedMDClient, "communicate", _fails_for_client_2_in_round_1)  # forked workers inherit it
-    for executor in ("sequential", "processes"):
+    for executor in ("sequential", "processes", "batched"):
         run_experiment(small_config("fedmd", **{"runtime.executor": executor, "runtime.dropout": 0.2}),
                        tmp_path / executor)
     rows = _rows(tmp_path / "processes")
-    assert rows == _rows(tmp_path / "sequential")
+    assert rows == _rows(tmp_path / "sequential") == _rows(tmp_path / "batched")  # FedMD has no batched handler
     assert rows[1]["failures"]["2"] == "communicate: raised OSError: disk full"
     assert all("dropout" in text for c, text in rows[0]["failures"].items())  # simulated dropouts alike
 

@@ -146,6 +146,7 @@ class ClientHost:
         self.store = store if store is not None else MemoryStore()
         self.client: Client = run.algorithm.client_cls(run.algorithm_config)
         self._live: dict[tuple[str, ModuleSpec], list[nn.Module]] = {}  # a pool per (slot, spec)
+        self.batched_groups = 0  # group calls a batched handler took whole (the batched executor)
 
     # -- slots and groups --------------------------------------------------------------------
     def slots(self, client: int) -> dict[str, ModuleSpec]:
@@ -251,12 +252,13 @@ class ClientHost:
         return reply
 
     def handle_group(self, clients: list[int], stage: str, rnd: int, messages: Mapping[int, Message],
-                     batched: bool = False) -> dict[int, Message]:
+                     batched: bool = False) -> dict[int, Message] | None:
         """Run ``stage`` for a group of clients that share their slots' architectures.
 
         By default one by one (:meth:`handle`). With ``batched`` and a ``<stage>_many`` handler on
         the method's client, the whole group goes to that handler at once, each client with its
-        own live modules, state and random streams."""
+        own live modules, state and random streams. None when the handler declines the group
+        (returns None, having kept nothing): the caller then runs it client by client."""
         many = getattr(self.client, f"{stage}_many", None) if batched else None
         if many is None:
             return {c: self.handle(c, stage, rnd, messages[c]) for c in clients}
@@ -269,6 +271,9 @@ class ClientHost:
         torch.manual_seed(derive_seed(self.run.seed, "group", clients[0], "round", rnd, stage, "torch"))
         sent = {c: decompress(messages[c]) for c in clients}
         replies = many({c: _read_only(sent[c]) for c in clients}, ctxs)
+        if replies is None:  # the handler declined the group (before anything was kept)
+            return None
+        self.batched_groups += 1
         for client, ctx in ctxs.items():
             self.store.put(client, self._record(ctx.modules, ctx.state))
         return {c: compress(self._upload(c, stage, rnd, sent[c], replies[c]), self.run.compression) for c in clients}

@@ -5,6 +5,11 @@ architectures, and returns every client's outcome: its reply, or :class:`Failed`
 stage raised. No algorithm sees which executor ran it.
 
 * ``sequential`` (the reference): every client in turn, in client-id order, in this process.
+* ``batched``: as ``sequential``, but a group of clients whose slots share their architectures goes
+  to the method's batched handler (``<stage>_many``) where it has one: FedAvg's ``train`` trains the
+  group's models as one stacked model (:mod:`hetpfl.learn.stacked`; ``mlp`` and the plain
+  ``cnn_*`` nets), so its records agree with the sequential executor's up to float summation order,
+  not bit for bit. Stages and methods without a batched handler run exactly as ``sequential``.
 * ``processes``: the clients of a stage spread over worker processes (``runtime.workers``; 0: one
   per CPU core), each running torch with the run's thread count. Workers are forked once per run,
   so they hold the run's data without copying it; a client's state record and its message travel
@@ -65,13 +70,28 @@ class SequentialExecutor:
             messages: Mapping[int, Message]) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
         for group in groups:
-            try:
-                outcomes.update(host.handle_group(group, stage, rnd, messages, batched=self.batched))
-            except Exception as exc:  # noqa: BLE001  (any error of a client's code is that client's failure)
-                if host.run.on_client_error == "raise":
-                    raise
-                outcomes.update({c: Failed(type(exc).__name__, str(exc)) for c in group})
+            taken = self._attempt(host, group, lambda g=group: host.handle_group(g, stage, rnd, messages,
+                                                                                  batched=self.batched), outcomes)
+            if taken is None:  # declined by the batched handler (or no batching): client by client
+                for client in group:
+                    self._attempt(host, [client], lambda c=client: host.handle_group([c], stage, rnd, messages),
+                                  outcomes)
         return outcomes
+
+    @staticmethod
+    def _attempt(host: ClientHost, group: list[int], call, outcomes: dict[int, Outcome]) -> bool | None:
+        """``call()`` for ``group``: its replies, or each member's failure; None if it declined."""
+        try:
+            replies = call()
+        except Exception as exc:  # noqa: BLE001  (any error of a client's code is that client's failure)
+            if host.run.on_client_error == "raise":
+                raise
+            outcomes.update({c: Failed(type(exc).__name__, str(exc)) for c in group})
+            return True
+        if replies is None:
+            return None
+        outcomes.update(replies)
+        return True
 
     def close(self) -> None:
         pass
@@ -170,7 +190,15 @@ class ProcessExecutor:
         self._pool, self._host = None, None
 
 
-EXECUTORS: dict[str, type] = {"sequential": SequentialExecutor, "processes": ProcessExecutor}
+class BatchedExecutor(SequentialExecutor):
+    """The sequential executor, offering each group of same-architecture clients to the method's
+    batched handler (``<stage>_many``) where it has one."""
+
+    batched = True
+
+
+EXECUTORS: dict[str, type] = {"sequential": SequentialExecutor, "processes": ProcessExecutor,
+                              "batched": BatchedExecutor}
 
 
 def make_executor(name: str, workers: int = 0) -> Executor:
@@ -179,5 +207,5 @@ def make_executor(name: str, workers: int = 0) -> Executor:
     return ProcessExecutor(workers) if name == "processes" else EXECUTORS[name]()
 
 
-__all__ = ["EXECUTORS", "ClientProcessError", "Executor", "Failed", "Outcome", "ProcessExecutor",
+__all__ = ["EXECUTORS", "BatchedExecutor", "ClientProcessError", "Executor", "Failed", "Outcome", "ProcessExecutor",
            "SequentialExecutor", "make_executor", "worker_count"]

@@ -34,7 +34,7 @@ class InProcessTransport:
         # A raising client is recorded as a deployment would (unless the run says raise). A
         # one-by-one executor runs each client alone (the same calls in the same order), so one
         # failure takes no other client with it; a batched group fails together.
-        if not self.executor.batched:
+        if not self.executor.batched or not hasattr(self.host.client, f"{stage}_many"):
             groups = [[c] for group in groups for c in group]
         dropped, late = self._simulated_faults(stage, rnd, list(messages))
         failures = {c: "did not answer (simulated: runtime.dropout)" for c in sorted(dropped)}
@@ -74,7 +74,10 @@ def simulate(
         executor = make_executor(executor, workers)
     host = ClientHost(run, store if store is not None else make_store(client_state))
     try:
-        return run_rounds(run, InProcessTransport(host, executor), on_round=on_round, checkpoint=checkpoint,
-                          resume=resume)
+        summary = run_rounds(run, InProcessTransport(host, executor), on_round=on_round, checkpoint=checkpoint,
+                             resume=resume)
+        if executor.batched:
+            summary["batched_groups"] = host.batched_groups  # group calls trained as one stacked model
+        return summary
     finally:
         executor.close()

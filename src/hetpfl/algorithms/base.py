@@ -17,7 +17,7 @@ import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -411,6 +411,23 @@ def train_locally(ctx: ClientContext, epochs: float | None = None, *, model: nn.
     )
 
 
+def train_locally_many(ctxs: Sequence[ClientContext]) -> list[dict[str, float]] | None:
+    """:func:`train_locally` with its defaults for a group of clients at once (the batched
+    executor): their ``model`` slots trained as one stacked model (:func:`hetpfl.learn.fit_many`).
+    None, with nothing trained, when the group cannot be stacked (another architecture than a
+    plain stack of linear, conv and pooling layers, or clients with different training options);
+    the caller then trains them one by one."""
+    from ..learn.stacked import FitJob, fit_many, stack_signature  # noqa: PLC0415
+
+    signatures = {stack_signature(ctx.model) for ctx in ctxs}
+    if len({ctx.training for ctx in ctxs}) != 1 or len(signatures) != 1 or None in signatures:
+        return None
+    training = ctxs[0].training
+    jobs = [FitJob(ctx.model, ctx.train.x, ctx.train.y, ctx.generator("fit"), epochs=training.local_epochs,
+                   steps=training.local_steps) for ctx in ctxs]
+    return fit_many(jobs, batch_size=training.batch_size, optim=training.optim(), augment=training.augment)
+
+
 __all__ = [
     "AlgorithmSpec",
     "Client",
@@ -432,5 +449,6 @@ __all__ = [
     "default_client_modules",
     "evaluation_reply",
     "train_locally",
+    "train_locally_many",
     "weight_fields",
 ]

@@ -18,13 +18,13 @@ The server and client here are the base of the methods that change one step of t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Mapping
 
 from torch import nn
 
 from ..learn import arrays_to_state
 from ..messages import Message, Schema, StageSchema
-from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally, weight_fields
+from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally, train_locally_many, weight_fields
 from .weights import KeyFilter, aggregate_weights, load_shared, shared_arrays
 
 
@@ -81,6 +81,19 @@ class FedAvgClient(Client):
     def local_update(self, message: Message, ctx: ClientContext) -> None:
         """The local step from the received weights (the shared client routine)."""
         train_locally(ctx)
+
+    def train_many(self, messages: Mapping[int, Message], ctxs: Mapping[int, ClientContext]) -> dict[int, Message] | None:
+        """``train`` for a group of clients at once (the batched executor): the shared client routine
+        as one stacked model. None (the group then goes client by client) when a subclass changes the
+        local step or the group's models do not stack."""
+        if (type(self).train, type(self).local_update) != (FedAvgClient.train, FedAvgClient.local_update):
+            return None
+        for client, ctx in ctxs.items():
+            load_shared(ctx.model, messages[client].arrays, self.shared(ctx.model))
+        if train_locally_many(list(ctxs.values())) is None:
+            return None
+        return {client: Message(shared_arrays(ctx.model, self.shared(ctx.model)), {"num_examples": len(ctx.train)})
+                for client, ctx in ctxs.items()}
 
 
 # The global weights down, the client's weights up: every array sent down comes back, in its shape.

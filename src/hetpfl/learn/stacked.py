@@ -1,0 +1,243 @@
+"""Many same-architecture models trained as one (the ``batched`` executor's local training).
+
+Small models on small batches are overhead-bound on a CPU: a step of one client's ``mlp`` or
+``cnn_small`` spends most of its time outside the arithmetic. :func:`fit_many` trains a group of
+clients' models as one stacked model — linear layers as batched matrix products over the client
+dimension, convolutions as one grouped convolution (``groups`` = clients) — so each step is a few
+large kernels instead of many small ones.
+
+What each client gets is what :func:`hetpfl.learn.fit` gives it, up to the order of float sums:
+its own batches and augmentation from its own random stream (drawn in the same order), its own
+batch-mean loss (the group's loss is the sum of the clients', so each client's gradient is its
+own), its own gradient-norm clip, its own optimizer state and step count (Adam's bias correction
+included), and no update once its own steps are done (clients with less data are masked). Only
+stacks of the layers in :data:`STACKABLE` are batched, and only on small inputs, where it pays
+(:data:`MAX_INPUT_AREA`); :func:`stack_signature` returns None for any other model, and the caller
+trains it one client at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.base import AddChannel, HetModel
+from .batches import IndexBatches
+from .options import OptimOptions
+from .tensors import as_input_tensor, as_tensor, augment_batch, check_augment
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_PER_CHANNEL = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Identity)
+STACKABLE = (nn.Flatten, nn.Linear, AddChannel, *_CONVS, *_PER_CHANNEL)
+# Stacking pays where a step is overhead-bound, i.e. on small inputs. Measured (docs/performance.md):
+# 1.3-1.5x on 8x8 digits for mlp and cnn_small; mlp on 28x28 MNIST 0.8x at 2 steps a client, even at
+# 8; a grouped convolution on 28x28 maps 1.5-2.6x slower than the clients' own (its backward pass).
+# Models stack when each input channel holds at most this many values (16x16; vectors: length).
+MAX_INPUT_AREA = 256
+
+
+def _layers(model: nn.Module) -> list[nn.Module] | None:
+    if not isinstance(model, HetModel) or not isinstance(model.body, nn.Sequential):
+        return None
+    if any(not p.requires_grad for p in model.parameters()) or any(True for _ in model.buffers()):
+        return None  # frozen parts or running statistics: not a plain stack of weights
+    return [*model.body, model.head]
+
+
+def stack_signature(model: nn.Module) -> tuple | None:
+    """A hashable description of ``model``'s layers when it can be stacked (models with equal
+    signatures stack together), else None."""
+    layers = _layers(model)
+    if layers is None:
+        return None
+    shape = model.input_shape
+    if math.prod(shape[1:] if len(shape) > 1 else shape) > MAX_INPUT_AREA:
+        return None
+    signature: list[tuple] = [("input", tuple(shape))]  # the stacked batch holds one input shape
+    for layer in layers:
+        if not isinstance(layer, STACKABLE):
+            return None
+        if isinstance(layer, _CONVS):
+            if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                return None
+            entry = (type(layer).__name__, tuple(layer.weight.shape), layer.bias is not None, layer.stride,
+                     layer.padding, layer.dilation)
+        elif isinstance(layer, nn.Linear):
+            entry = ("Linear", tuple(layer.weight.shape), layer.bias is not None)
+        elif isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                return None
+            entry = ("Flatten",)
+        else:
+            entry = (type(layer).__name__, repr(layer))
+        signature.append(entry)
+    return tuple(signature)
+
+
+class StackedModel(nn.Module):
+    """N models of one signature as one: every weight stacked on a leading client dimension.
+
+    ``forward`` maps ``(N, B, *input_shape)`` to ``(N, B, num_classes)``. Between convolutions the
+    activations are laid out as ``(B, N·C, *spatial)``, so one grouped convolution applies every
+    client's kernels to its own channels and the per-channel layers (ReLU, pooling) act as they do
+    on one model."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        signatures = {stack_signature(m) for m in models}
+        if len(signatures) != 1 or None in signatures:
+            raise ValueError("StackedModel needs models of one stackable architecture")
+        self.n = len(models)
+        self.layers = _layers(models[0])
+        per_model = [_layers(m) for m in models]
+        self.weights = nn.ParameterList()
+        self._slots: list[tuple[int, str]] = []  # (layer index, "weight" | "bias") of each stacked tensor
+        for i, layer in enumerate(self.layers):
+            for name in ("weight", "bias"):
+                if isinstance(layer, (nn.Linear, *_CONVS)) and getattr(layer, name) is not None:
+                    tensors = [getattr(ls[i], name).detach() for ls in per_model]
+                    if isinstance(layer, nn.Linear) and name == "weight":  # kept as (in, out): bmm reads it as is
+                        tensors = [t.t() for t in tensors]
+                    self.weights.append(nn.Parameter(torch.stack(tensors).contiguous()))
+                    self._slots.append((i, name))
+        self._index = {slot: k for k, slot in enumerate(self._slots)}
+
+    def _param(self, i: int, name: str) -> torch.Tensor | None:
+        k = self._index.get((i, name))
+        return None if k is None else self.weights[k]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, b = x.shape[:2]
+        h, grouped = x, False  # grouped: (B, N·C, *spatial); else (N, B, ...)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, _CONVS):
+                if not grouped:
+                    h = h.transpose(0, 1).reshape(b, n * h.shape[2], *h.shape[3:])
+                    grouped = True
+                weight, bias = self._param(i, "weight"), self._param(i, "bias")
+                conv = F.conv2d if isinstance(layer, nn.Conv2d) else F.conv1d
+                h = conv(h, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
+                         layer.stride, layer.padding, layer.dilation, groups=n)
+                continue
+            if isinstance(layer, _PER_CHANNEL):
+                h = layer(h)
+                continue
+            if grouped:  # back to (N, B, C, *spatial) before a layer that reads whole samples
+                h = h.reshape(b, n, -1, *h.shape[2:]).transpose(0, 1)
+                grouped = False
+            if isinstance(layer, AddChannel):
+                h = h.unsqueeze(2)
+            elif isinstance(layer, nn.Flatten):
+                h = h.reshape(n, b, -1)
+            else:  # Linear: (N, B, in) @ (N, in, out) + (N, 1, out)
+                weight, bias = self._param(i, "weight"), self._param(i, "bias")
+                h = torch.bmm(h, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight)
+        return h
+
+    @torch.no_grad()
+    def write_back(self, models: Sequence[nn.Module]) -> None:
+        """Copy each client's slice of the stacked weights into its own model."""
+        for model, c in zip(models, range(self.n)):
+            layers = _layers(model)
+            for (i, name), stacked in zip(self._slots, self.weights):
+                value = stacked[c].t() if isinstance(layers[i], nn.Linear) and name == "weight" else stacked[c]
+                getattr(layers[i], name).copy_(value)
+
+
+class StackedOptimizer:
+    """One torch optimizer per client, as :meth:`OptimOptions.build` makes it (fused kernels or not,
+    as the run's kernels say), over that client's slices of the stacked weights: per-client step
+    counts and state, and a step only for the clients active at it."""
+
+    def __init__(self, params: Sequence[torch.Tensor], options: OptimOptions, n: int) -> None:
+        self.params, self.options, self.n = list(params), options, n
+        # leaves sharing the stacked storage: an optimizer updates a client's slice in place
+        self.slices = [[p.detach()[c] for p in self.params] for c in range(n)]
+        self.optimizers = [options.build(slices) for slices in self.slices]
+
+    def clip(self) -> None:
+        """Each client's gradient norm over all its parameters to ``max_grad_norm`` (as
+        ``nn.utils.clip_grad_norm_`` does for one model)."""
+        limit = self.options.max_grad_norm
+        if limit is None:
+            return
+        squares = sum(p.grad.reshape(self.n, -1).pow(2).sum(1) for p in self.params)
+        scale = (limit / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            p.grad.mul_(scale.reshape(-1, *[1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        for c in torch.nonzero(active).flatten().tolist():
+            for leaf, p in zip(self.slices[c], self.params):
+                leaf.grad = p.grad[c]
+            self.optimizers[c].step()
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """One client's share of :func:`fit_many`: what :func:`hetpfl.learn.fit` would be called with."""
+
+    model: nn.Module
+    x: np.ndarray
+    y: np.ndarray
+    generator: torch.Generator
+    epochs: float = 1.0
+    steps: int | None = None
+
+
+def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOptions = OptimOptions(),
+             augment: str = "none") -> list[dict[str, float]]:
+    """Supervised cross-entropy training of every job's model at once, each as ``fit`` trains it
+    (same batches, same augmentation draws, same optimizer, float sums in another order). The
+    models must share one :func:`stack_signature`. Returns ``fit``'s result for each job."""
+    check_augment(augment)
+    models = [job.model for job in jobs]
+    stacked = StackedModel(models)
+    optimizer = StackedOptimizer(list(stacked.weights), optim, len(jobs))
+    data = [(as_input_tensor(job.x), as_tensor(job.y, np.int64)) for job in jobs]
+    sources = [IndexBatches(len(x), batch_size, epochs=job.epochs, steps=job.steps, generator=job.generator)
+               for job, (x, _) in zip(jobs, data)]
+    counts = [len(source) for source in sources]
+    iterators = [iter(source) for source in sources]
+    losses: list[list[torch.Tensor]] = [[] for _ in jobs]
+    n, width = len(jobs), max(batch_size, 1)
+    for step in range(max(counts, default=0)):
+        active = torch.tensor([step < count for count in counts])
+        inputs = torch.zeros(n, width, *data[0][0].shape[1:], dtype=data[0][0].dtype)
+        labels = torch.zeros(n, width, dtype=torch.int64)
+        weights = torch.zeros(n, width)
+        for c, ((x, y), job) in enumerate(zip(data, jobs)):
+            if not active[c]:
+                continue
+            idx = next(iterators[c])
+            inputs[c, : len(idx)] = augment_batch(x[idx], augment, job.generator)
+            labels[c, : len(idx)] = y[idx]
+            weights[c, : len(idx)] = 1.0 / len(idx)
+        logits = stacked(inputs)
+        per_sample = F.cross_entropy(logits.reshape(n * width, -1), labels.reshape(-1), reduction="none")
+        per_client = (per_sample.reshape(n, width) * weights).sum(1)  # each client's batch mean
+        for p in stacked.weights:
+            p.grad = None
+        per_client.sum().backward()
+        optimizer.clip()
+        optimizer.step(active)
+        for c in torch.nonzero(active).flatten().tolist():
+            losses[c].append(per_client[c].detach())
+    stacked.write_back(models)
+    return [{"loss": _mean(ls), "steps": count} for ls, count in zip(losses, counts)]
+
+
+def _mean(losses: list[torch.Tensor]) -> float:
+    if not losses:
+        return math.nan
+    return float(torch.stack(losses).to(torch.float64).mean())
+
+
+__all__ = ["MAX_INPUT_AREA", "STACKABLE", "FitJob", "StackedModel", "StackedOptimizer", "fit_many", "stack_signature"]

@@ -1,0 +1,121 @@
+"""The batched executor's local training (hetpfl.learn.stacked): a group of same-architecture
+clients trained as one stacked model gives each client what ``fit`` gives it, up to float order."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_config
+
+from hetpfl.algorithms.fedavg import FedAvgClient
+from hetpfl.experiment import run_experiment
+from hetpfl.learn import OptimOptions, fit
+from hetpfl.learn.stacked import FitJob, StackedModel, fit_many, stack_signature
+from hetpfl.models import build_model
+
+SIZES = [40, 70, 100, 9, 64]  # unequal: clients run out of batches at different steps (masked)
+
+
+def _clients(arch: str, shape: tuple[int, ...]):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    models = [build_model(arch, shape, 10) for _ in SIZES]
+    xs = [rng.random((n, *shape)).astype(np.float32) for n in SIZES]
+    ys = [rng.integers(0, 10, n) for n in SIZES]
+    return models, xs, ys
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("cnn_small", (1, 8, 8)), ("cnn_small", (64,)),
+                                        ("mlp", (64,))])
+@pytest.mark.parametrize("optim,augment", [
+    (OptimOptions(lr=3e-3), "none"),
+    (OptimOptions(lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=1e-3, max_grad_norm=0.5), "flip"),
+    (OptimOptions(lr=0.05, optimizer="sgd", momentum=0.0), "none"),
+])
+def test_each_client_ends_where_fit_takes_it(arch, shape, optim, augment):
+    models, xs, ys = _clients(arch, shape)
+    one_by_one, stacked = [copy.deepcopy(m) for m in models], [copy.deepcopy(m) for m in models]
+    expected = [fit(m, x, y, epochs=2, optim=optim, augment=augment, generator=torch.Generator().manual_seed(i))
+                for i, (m, x, y) in enumerate(zip(one_by_one, xs, ys))]
+    got = fit_many([FitJob(m, x, y, torch.Generator().manual_seed(i), epochs=2)
+                    for i, (m, x, y) in enumerate(zip(stacked, xs, ys))], optim=optim, augment=augment)
+    assert [r["steps"] for r in got] == [r["steps"] for r in expected] == [-(-n // 32) * 2 for n in SIZES]
+    for ours, theirs in zip(got, expected):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+    for a, b, before in zip(stacked, one_by_one, models):
+        for (name, ours), theirs, start in zip(a.state_dict().items(), b.state_dict().values(),
+                                               before.state_dict().values()):
+            torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-3, msg=name)
+            assert not torch.equal(ours, start)  # it did train
+
+
+def test_fixed_steps_and_one_client_alone():
+    models, xs, ys = _clients("mlp", (1, 8, 8))
+    alone = copy.deepcopy(models[3])
+    fit(alone, xs[3], ys[3], steps=7, generator=torch.Generator().manual_seed(3))
+    got = fit_many([FitJob(models[3], xs[3], ys[3], torch.Generator().manual_seed(3), steps=7)])
+    assert got[0]["steps"] == 7
+    for ours, theirs in zip(models[3].parameters(), alone.parameters()):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_what_stacks_and_what_does_not():
+    assert stack_signature(build_model("mlp", (1, 8, 8), 10)) == stack_signature(build_model("mlp", (1, 8, 8), 10))
+    assert stack_signature(build_model("mlp", (1, 8, 8), 10)) != stack_signature(build_model("mlp", (64,), 10))
+    assert stack_signature(build_model("cnn_small", (1, 8, 8), 10)) is not None
+    assert stack_signature(build_model("cnn_small", (3, 16, 16), 10)) is not None
+    for large in ((1, 28, 28), (3, 32, 32), (784,)):  # stacking does not pay there (docs/performance.md)
+        assert stack_signature(build_model("mlp", large, 10)) is None
+    assert stack_signature(build_model("cnn_small", (1, 28, 28), 10)) is None
+    assert stack_signature(build_model("resnet_small", (1, 8, 8), 10)) is None  # batch norm statistics
+    assert stack_signature(build_model("mobilenet_small", (1, 8, 8), 10)) is None
+    frozen = build_model("mlp", (1, 8, 8), 10)
+    frozen.head.weight.requires_grad_(False)
+    assert stack_signature(frozen) is None
+    with pytest.raises(ValueError, match="one stackable architecture"):
+        StackedModel([build_model("mlp", (1, 8, 8), 10), build_model("cnn_small", (1, 8, 8), 10)])
+
+
+def test_the_stacked_forward_is_each_models_forward():
+    models, xs, _ = _clients("cnn_small", (1, 8, 8))
+    batch = torch.stack([torch.from_numpy(x[:9]) for x in xs])
+    with torch.no_grad():
+        stacked = StackedModel(models)(batch)
+        for c, model in enumerate(models):
+            torch.testing.assert_close(stacked[c], model(batch[c]), atol=1e-5, rtol=1e-5)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_batched_fedavg_run_trains_groups_whole_and_is_deterministic(tmp_path):
+    config = small_config("fedavg", **{"models.clients": "[mlp]", "runtime.executor": "batched"})
+    first = run_experiment(config, tmp_path / "a")
+    run_experiment(config, tmp_path / "b")
+    assert first["batched_groups"] == 2  # one group (every client is an mlp), two rounds
+    assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
+
+
+def test_a_declined_group_fails_client_by_client_as_sequential_does(tmp_path, monkeypatch):
+    """FedAvg's batched handler declines a group whose models do not stack (mobilenet_small); a
+    raising client there is that client's failure alone, as in the sequential executor."""
+    train = FedAvgClient.train
+
+    def fails_for_client_2(self, message, ctx):
+        if ctx.client_id == 2 and ctx.round == 1:
+            raise OSError("disk full")
+        return train(self, message, ctx)
+
+    monkeypatch.setattr(FedAvgClient, "train", fails_for_client_2)
+    monkeypatch.setattr(FedAvgClient, "train_many", lambda self, messages, ctxs: None)  # every group declines
+    for executor in ("sequential", "batched"):
+        run_experiment(small_config("fedavg", **{"models.clients": "[mobilenet_small]", "runtime.executor": executor}),
+                       tmp_path / executor)
+    rows = _rows(tmp_path / "batched")
+    assert rows == _rows(tmp_path / "sequential")
+    assert rows[1]["failures"] == {"2": "train: raised OSError: disk full"}
