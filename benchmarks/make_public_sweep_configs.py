@@ -8,6 +8,7 @@ and the same number of private images at every size (``PRIVATE``; the public set
 same private data.
 
 Methods: COSMOS (its run reports both the client and the server measure), COMET (lr 8e-4, the code's),
+both also with unit per-sample distillation weights (``*_unweighted``: ``client_weighting: none``),
 FedMD as its paper runs it (``fedmd``: class scores averaged, L1 digest) and as COSMOS's code runs it
 (``fedmd_cosmos``: probabilities averaged over all clients, KL, lr 2e-3), FedCT, Local, and the best
 personalized and clustered weight-sharing baselines of the earlier tables, FedRep and CFL (on one
@@ -32,10 +33,15 @@ ROOT = REPO / "configs" / "public_sweep"
 DATASETS = ("fashion_mnist", "mnist", "cifar10")
 PUBLIC_SIZES = (400, 2000, 5000)
 PRIVATE = 5000  # private training images at every public size (the COSMOS table: 3,000; CPU budget)
-# method -> (the COSMOS table's file it starts from, algorithm section replacing that file's)
+# method -> (the COSMOS table's file it starts from, algorithm section replacing that file's, or keys
+# added to it)
 METHODS: dict[str, tuple[str, dict | None]] = {
     "cosmos": ("cosmos", None),
     "comet": ("comet", None),
+    # the code's per-sample weight w_b = n_i(class)/N_U shrinks the KL term as the public set grows
+    # (docs/cosmos.md); these run the routine with w_b = 1 (``client_weighting: none``)
+    "cosmos_unweighted": ("cosmos", {"client_weighting": "none"}),
+    "comet_unweighted": ("comet", {"client_weighting": "none"}),
     "fedmd": ("fedmd", None),
     "fedmd_cosmos": ("fedmd", {"name": "fedmd_cosmos", "pretrain_epochs": 10, "distill_epochs": 1}),
     "fedct": ("fedct", None),
@@ -50,8 +56,10 @@ def config(dataset: str, public_size: int, method: str) -> dict:
     source, algorithm = METHODS[method]
     tree = yaml.safe_load((SOURCE / dataset / f"{source}.yaml").read_text())
     tree["name"] = f"public-sweep-{dataset}-public{public_size}"
-    if algorithm is not None:
+    if algorithm is not None and "name" in algorithm:
         tree["algorithm"] = dict(algorithm)
+    elif algorithm is not None:
+        tree["algorithm"].update(algorithm)
     tree["data"]["public_size"] = public_size
     tree["data"]["max_train_samples"] = PRIVATE + public_size
     return tree
