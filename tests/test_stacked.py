@@ -119,3 +119,24 @@ def test_a_declined_group_fails_client_by_client_as_sequential_does(tmp_path, mo
     rows = _rows(tmp_path / "batched")
     assert rows == _rows(tmp_path / "sequential")
     assert rows[1]["failures"] == {"2": "train: raised OSError: disk full"}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_batched_run_resumes_to_the_uninterrupted_batched_records(tmp_path):
+    config = small_config("fedavg", rounds=3, **{"models.clients": "[cnn_small]", "runtime.executor": "batched",
+                                                 "runtime.checkpoint_every": 1})
+    whole = run_experiment(config, tmp_path / "whole")
+    assert whole["batched_groups"] == 3  # one group, three rounds
+
+    def crash_in_round_1(row):
+        if row["round"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_experiment(config, tmp_path / "cut", on_round=crash_in_round_1)
+    resumed = run_experiment(config, tmp_path / "cut", resume=True)
+    assert resumed["resumed_at_round"] == 1
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
