@@ -25,11 +25,11 @@ from hetpfl.report import find_runs, load_summary
 # row label -> (method folder, the measure in the summary's `final`)
 PAPER = {
     "COSMOS (server measure)": ("cosmos", "server_acc_mean"),
+    "COSMOS, w_b = 1 (server measure)": ("cosmos_unweighted", "server_acc_mean"),
     "COMET": ("comet", "personalized_acc_mean"),
+    "COMET, w_b = 1": ("comet_unweighted", "personalized_acc_mean"),
     "FedMD, COSMOS's code (mean of probabilities)": ("fedmd_cosmos", "personalized_acc_mean"),
     "FedMD, original (mean of scores)": ("fedmd", "personalized_acc_mean"),
-    "COSMOS, w_b = 1 (server measure)": ("cosmos_unweighted", "server_acc_mean"),
-    "COMET, w_b = 1": ("comet_unweighted", "personalized_acc_mean"),
     "FedCT": ("fedct", "personalized_acc_mean"),
     "Local": ("local", "personalized_acc_mean"),
     "FedRep (one architecture)": ("fedrep", "personalized_acc_mean"),
