@@ -43,12 +43,12 @@ MODEL_AGNOSTIC = (*PAPERS_BASELINES, "fedmd", "local", "comet_unweighted")
 DATASETS = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 
-def collect(root: Path) -> dict[tuple[str, str, str], dict[int, list[float]]]:
-    """{(dataset, method, measure): {public size: [percent per seed]}}."""
+def collect(root: Path, seeds: set[int] | None = None) -> dict[tuple[str, str, str], dict[int, list[float]]]:
+    """{(dataset, method, measure): {public size: [percent per seed]}}, over ``seeds`` (default all)."""
     table: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in find_runs([root]):
-        match = re.search(r"([a-z0-9_]+)/public(\d+)/([a-z_]+)/seed\d+$", run.as_posix())
-        if not match:
+        match = re.search(r"([a-z0-9_]+)/public(\d+)/([a-z_]+)/seed(\d+)$", run.as_posix())
+        if not match or (seeds is not None and int(match[4]) not in seeds):
             continue
         dataset, size, method = match[1], int(match[2]), match[3]
         final = load_summary(run)["final"]
@@ -140,10 +140,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="runs/public_sweep or a records folder")
     parser.add_argument("--plot", type=Path, help="write the PNG here")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: every seed found)")
     args = parser.parse_args()
     if not args.root.is_dir():
         parser.error(f"root: {args.root} is not a folder")
-    table = collect(args.root)
+    table = collect(args.root, set(args.seeds) if args.seeds else None)
     if not table:
         parser.error(f"root: no finished runs laid out as <dataset>/public<P>/<method>/seed<S> under {args.root}")
     for dataset in DATASETS:
