@@ -23,6 +23,25 @@ def _session_cache_dir(tmp_path_factory):
     yield
 
 
+def benchmark_script(name: str):
+    """The module ``benchmarks/<name>.py`` (a script, not a package), loaded for a test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_written_as_shipped(written_root: Path, shipped: Path) -> list[Path]:
+    """A config-writing script wrote exactly the committed ``shipped`` folder (nobody edited it by
+    hand); returns the configs' paths relative to it."""
+    written = sorted(p.relative_to(written_root) for p in written_root.rglob("*.yaml"))
+    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))
+    assert all((written_root / p).read_text() == (shipped / p).read_text() for p in written)
+    return written
+
+
 def small_config(algorithm: str = "fedmd", **overrides):
     """A seconds-long experiment on digits with three architecture families."""
     from hetpfl.experiment import load_config

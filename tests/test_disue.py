@@ -245,24 +245,20 @@ def test_bad_inputs_fail_before_training_naming_the_key(overrides, key):
 # --- the comparison configs -----------------------------------------------------------------------------
 
 def test_comparison_configs_are_the_scripts_output_load_and_share_each_settings_sections(tmp_path, monkeypatch):
-    import importlib.util
     import shutil
 
     import yaml
+    from conftest import assert_written_as_shipped, benchmark_script
 
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("make_disue_configs", repo / "benchmarks" / "make_disue_configs.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("make_disue_configs")
     (tmp_path / "rotated").mkdir()
     shutil.copy(repo / "configs" / "clustered" / "rotated_mnist" / "fedavg.yaml", tmp_path / "rotated")
     monkeypatch.setattr(script, "ROOT", tmp_path / "disue")
     monkeypatch.setattr(script, "ROTATED", tmp_path / "rotated")
     script.main()
     shipped = repo / "configs" / "disue"
-    written = sorted(p.relative_to(tmp_path / "disue") for p in (tmp_path / "disue").rglob("*.yaml"))
-    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))  # nobody edited by hand
-    assert all((tmp_path / "disue" / p).read_text() == (shipped / p).read_text() for p in written)
+    written = assert_written_as_shipped(tmp_path / "disue", shipped)
     for name in ("disue", "fedgen"):
         assert (tmp_path / "rotated" / f"{name}.yaml").read_text() == \
             (repo / "configs" / "clustered" / "rotated_mnist" / f"{name}.yaml").read_text()

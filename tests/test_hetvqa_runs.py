@@ -236,12 +236,9 @@ def test_hetlora_self_pruning_drops_weak_trailing_components_only():
 
 
 def test_the_results_table_pools_recorded_and_published_seeds(tmp_path):
-    import importlib.util
+    from conftest import benchmark_script
 
-    spec = importlib.util.spec_from_file_location("hetvqa_table", Path(__file__).resolve().parents[1] / "benchmarks"
-                                                  / "hetvqa_table.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("hetvqa_table")
     final = {key: 0.5 for key in script.MEASURES.values()}
     for seed, self_acc in ((1, 0.50), (2, 0.60)):
         run = tmp_path / "records" / "fedit" / f"seed{seed}"

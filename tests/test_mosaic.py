@@ -173,20 +173,15 @@ def test_bad_input_fails_before_training_naming_the_key(override, key):
 # -- the reproduction configs --------------------------------------------------------------------
 
 def test_reproduction_configs_are_the_scripts_output_load_and_share_each_cells_setting(tmp_path, monkeypatch):
-    import importlib.util
-
     import yaml
+    from conftest import assert_written_as_shipped, benchmark_script
 
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("make_mosaic_configs", repo / "benchmarks" / "make_mosaic_configs.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("make_mosaic_configs")
     monkeypatch.setattr(script, "ROOT", tmp_path)
     script.main()
     shipped = repo / "configs" / "mosaic"
-    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
-    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))  # nobody edited by hand
-    assert all((tmp_path / p).read_text() == (shipped / p).read_text() for p in written)
+    written = assert_written_as_shipped(tmp_path, shipped)
     cells = {p.parent for p in written if p.parts[0] != "ablations"}
     assert len(cells) == 3 * 3 * 2
     for cell in cells:

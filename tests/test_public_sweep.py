@@ -3,31 +3,22 @@ table's sections and one private set size across public sizes; its table compare
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
+from conftest import assert_written_as_shipped, benchmark_script
 
 from hetpfl.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sweep_configs_are_the_scripts_output_and_share_each_cells_private_data(tmp_path, monkeypatch):
-    make = script("make_public_sweep_configs")
+    make = benchmark_script("make_public_sweep_configs")
     monkeypatch.setattr(make, "ROOT", tmp_path)
     make.main()
     shipped = REPO / "configs" / "public_sweep"
-    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
-    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))  # nobody edited by hand
-    assert all((tmp_path / p).read_text() == (shipped / p).read_text() for p in written)
+    written = assert_written_as_shipped(tmp_path, shipped)
     assert len(written) == len(make.DATASETS) * len(make.PUBLIC_SIZES) * len(make.METHODS)
     for path in written:
         dataset, cell, method = path.parts[0], path.parts[1], path.stem
@@ -46,7 +37,7 @@ def test_sweep_configs_are_the_scripts_output_and_share_each_cells_private_data(
 
 
 def test_the_table_sets_cosmos_server_measure_against_the_best_baselines_client_measure():
-    table_script = script("public_sweep_table")
+    table_script = benchmark_script("public_sweep_table")
     table = {
         ("mnist", "cosmos", "server_acc_mean"): {400: [90.0, 92.0], 5000: [95.0]},
         ("mnist", "cosmos", "personalized_acc_mean"): {400: [89.0, 89.0], 5000: [93.0]},
