@@ -255,13 +255,15 @@ class ClientHost:
                      batched: bool = False) -> dict[int, Message] | None:
         """Run ``stage`` for a group of clients that share their slots' architectures.
 
-        By default one by one (:meth:`handle`). With ``batched`` and a ``<stage>_many`` handler on
-        the method's client, the whole group goes to that handler at once, each client with its
-        own live modules, state and random streams. None when the handler declines the group
-        (returns None, having kept nothing): the caller then runs it client by client."""
-        many = getattr(self.client, f"{stage}_many", None) if batched else None
-        if many is None:
+        By default one by one (:meth:`handle`). With ``batched``, the whole group goes to the method's
+        ``<stage>_many`` handler at once, each client with its own live modules, state and random
+        streams. None when there is no such handler or it declines the group (returns None, having
+        kept nothing): the caller then runs the group client by client."""
+        if not batched:
             return {c: self.handle(c, stage, rnd, messages[c]) for c in clients}
+        many = getattr(self.client, f"{stage}_many", None)
+        if many is None:
+            return None
         ctxs: dict[int, ClientContext] = {}
         for i, client in enumerate(clients):
             modules = self._live_modules(self.slots(client), i)

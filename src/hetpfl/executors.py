@@ -70,26 +70,25 @@ class SequentialExecutor:
             messages: Mapping[int, Message]) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
         for group in groups:
-            taken = self._attempt(host, group, lambda g=group: host.handle_group(g, stage, rnd, messages,
-                                                                                  batched=self.batched), outcomes)
-            if taken is None:  # declined by the batched handler (or no batching): client by client
-                for client in group:
-                    self._attempt(host, [client], lambda c=client: host.handle_group([c], stage, rnd, messages),
-                                  outcomes)
+            if not self._attempt(host, group, stage, rnd, messages, self.batched, outcomes):
+                for client in group:  # the batched handler declined (or there is none): client by client
+                    self._attempt(host, [client], stage, rnd, messages, False, outcomes)
         return outcomes
 
     @staticmethod
-    def _attempt(host: ClientHost, group: list[int], call, outcomes: dict[int, Outcome]) -> bool | None:
-        """``call()`` for ``group``: its replies, or each member's failure; None if it declined."""
+    def _attempt(host: ClientHost, group: list[int], stage: str, rnd: int, messages: Mapping[int, Message],
+                 batched: bool, outcomes: dict[int, Outcome]) -> bool:
+        """Run ``group``, adding its replies, or each member's failure, to ``outcomes``; False (and
+        nothing added) when a batched group was declined."""
         try:
-            replies = call()
+            replies = host.handle_group(group, stage, rnd, messages, batched=batched)
         except Exception as exc:  # noqa: BLE001  (any error of a client's code is that client's failure)
             if host.run.on_client_error == "raise":
                 raise
             outcomes.update({c: Failed(type(exc).__name__, str(exc)) for c in group})
             return True
         if replies is None:
-            return None
+            return False
         outcomes.update(replies)
         return True
 

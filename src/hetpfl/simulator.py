@@ -33,8 +33,9 @@ class InProcessTransport:
         groups = self.host.groups(list(messages))
         # A raising client is recorded as a deployment would (unless the run says raise). A
         # one-by-one executor runs each client alone (the same calls in the same order), so one
-        # failure takes no other client with it; a batched group fails together.
-        if not self.executor.batched or not hasattr(self.host.client, f"{stage}_many"):
+        # failure takes no other client with it; a batched group fails together (one that its
+        # handler declines, or that has none, runs client by client in the executor).
+        if not self.executor.batched:
             groups = [[c] for group in groups for c in group]
         dropped, late = self._simulated_faults(stage, rnd, list(messages))
         failures = {c: "did not answer (simulated: runtime.dropout)" for c in sorted(dropped)}

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..learn import arrays_to_state
 from ..messages import Message, Schema, StageSchema
-from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally, train_locally_many, weight_fields
+from .base import (AlgorithmSpec, Client, ClientContext, Comm, Server, ServerSetup, train_locally, train_locally_many,
+                   weight_fields)
 from .weights import KeyFilter, aggregate_weights, load_shared, shared_arrays
 
 
@@ -76,6 +77,11 @@ class FedAvgClient(Client):
         shared = self.shared(ctx.model)
         load_shared(ctx.model, message.arrays, shared)
         self.local_update(message, ctx)
+        return self._trained_reply(ctx, shared)
+
+    @staticmethod
+    def _trained_reply(ctx: ClientContext, shared: KeyFilter | None) -> Message:
+        """What a client uploads after its local step: its shared weights and its sample count."""
         return Message(shared_arrays(ctx.model, shared), {"num_examples": len(ctx.train)})
 
     def local_update(self, message: Message, ctx: ClientContext) -> None:
@@ -88,12 +94,12 @@ class FedAvgClient(Client):
         local step or the group's models do not stack."""
         if (type(self).train, type(self).local_update) != (FedAvgClient.train, FedAvgClient.local_update):
             return None
+        shared = {client: self.shared(ctx.model) for client, ctx in ctxs.items()}
         for client, ctx in ctxs.items():
-            load_shared(ctx.model, messages[client].arrays, self.shared(ctx.model))
+            load_shared(ctx.model, messages[client].arrays, shared[client])
         if train_locally_many(list(ctxs.values())) is None:
             return None
-        return {client: Message(shared_arrays(ctx.model, self.shared(ctx.model)), {"num_examples": len(ctx.train)})
-                for client, ctx in ctxs.items()}
+        return {client: self._trained_reply(ctx, shared[client]) for client, ctx in ctxs.items()}
 
 
 # The global weights down, the client's weights up: every array sent down comes back, in its shape.

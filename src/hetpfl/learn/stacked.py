@@ -29,6 +29,7 @@ from torch import nn
 
 from ..models.base import AddChannel, HetModel
 from .batches import IndexBatches
+from .loop import _mean
 from .options import OptimOptions
 from .tensors import as_input_tensor, as_tensor, augment_batch, check_augment
 
@@ -173,8 +174,9 @@ class StackedOptimizer:
             p.grad.mul_(scale.reshape(-1, *[1] * (p.dim() - 1)))
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:
-        for c in torch.nonzero(active).flatten().tolist():
+    def step(self, active: Sequence[int]) -> None:
+        """One optimizer step for each client in ``active`` (the others keep weights and state)."""
+        for c in active:
             for leaf, p in zip(self.slices[c], self.params):
                 leaf.grad = p.grad[c]
             self.optimizers[c].step()
@@ -209,15 +211,13 @@ def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOption
     losses: list[list[torch.Tensor]] = [[] for _ in jobs]
     n, width = len(jobs), max(batch_size, 1)
     for step in range(max(counts, default=0)):
-        active = torch.tensor([step < count for count in counts])
+        active = [c for c, count in enumerate(counts) if step < count]  # the others are done: masked
         inputs = torch.zeros(n, width, *data[0][0].shape[1:], dtype=data[0][0].dtype)
         labels = torch.zeros(n, width, dtype=torch.int64)
         weights = torch.zeros(n, width)
-        for c, ((x, y), job) in enumerate(zip(data, jobs)):
-            if not active[c]:
-                continue
-            idx = next(iterators[c])
-            inputs[c, : len(idx)] = augment_batch(x[idx], augment, job.generator)
+        for c in active:
+            (x, y), idx = data[c], next(iterators[c])
+            inputs[c, : len(idx)] = augment_batch(x[idx], augment, jobs[c].generator)
             labels[c, : len(idx)] = y[idx]
             weights[c, : len(idx)] = 1.0 / len(idx)
         logits = stacked(inputs)
@@ -228,16 +228,10 @@ def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOption
         per_client.sum().backward()
         optimizer.clip()
         optimizer.step(active)
-        for c in torch.nonzero(active).flatten().tolist():
+        for c in active:
             losses[c].append(per_client[c].detach())
     stacked.write_back(models)
     return [{"loss": _mean(ls), "steps": count} for ls, count in zip(losses, counts)]
-
-
-def _mean(losses: list[torch.Tensor]) -> float:
-    if not losses:
-        return math.nan
-    return float(torch.stack(losses).to(torch.float64).mean())
 
 
 __all__ = ["MAX_INPUT_AREA", "STACKABLE", "FitJob", "StackedModel", "StackedOptimizer", "fit_many", "stack_signature"]
