@@ -4,8 +4,8 @@ Each method in ``ALGORITHMS`` runs from its own tiny config, ``tests/configs/alg
 (a method without one fails here), and must be:
 
 * deterministic: one seed, one ``metrics.jsonl``, byte for byte;
-* store- and executor-independent: client states in memory or on disk, clients in this process or
-  spread over worker processes, give the same records; the batched executor gives them too where no
+* store- and executor-independent: client states in memory or on disk, clients in this process,
+  spread over worker processes or each in a process of its own, give the same records; the batched executor gives them too where no
   group went batched, and the same records up to float summation order where some did;
 * resumable: 2 rounds, a crash, a resume from the checkpoint and 2 more rounds write exactly the
   ``metrics.jsonl`` of 4 uninterrupted rounds;
@@ -24,6 +24,7 @@ import pytest
 
 from hetpfl.algorithms import ALGORITHMS
 from hetpfl.clienthost import ClientHost
+from hetpfl.configuration import ConfigError
 from hetpfl.engine import run_rounds
 from hetpfl.experiment import load_config, prepare, run_experiment
 from hetpfl.simulator import InProcessTransport
@@ -93,6 +94,21 @@ def test_disk_store_and_worker_processes_give_the_reference_records(name, refere
     summary = run_experiment(method_config(name, **{"runtime.client_state": "disk", "runtime.executor": "processes",
                                                     "runtime.workers": 2}), tmp_path)
     assert summary["executor"] == "processes" and summary["workers"] == 2
+    assert _metrics(tmp_path) == _metrics(reference(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_isolated_clients_give_the_reference_records(name, reference, tmp_path):
+    """Every client in a process of its own holding only its own data (its records and messages
+    travelling in frames) changes nothing: the records are the sequential run's, byte for byte.
+    HetVQA's clients share one example store: such a run is refused before it starts."""
+    config = method_config(name, **{"runtime.executor": "isolated", "runtime.workers": 2})
+    if ALGORITHMS[name].task_kind == "vqa":
+        with pytest.raises(ConfigError, match="example store"):
+            run_experiment(config, tmp_path)
+        return
+    summary = run_experiment(config, tmp_path)
+    assert summary["executor"] == "isolated" and summary["workers"] == 2
     assert _metrics(tmp_path) == _metrics(reference(name))
 
 

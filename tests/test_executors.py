@@ -32,18 +32,20 @@ def _rows(out):
 
 def test_a_client_raising_in_a_worker_is_recorded_as_the_sequential_executor_records_it(tmp_path, monkeypatch):
     monkeypatch.setattr(FedMDClient, "communicate", _fails_for_client_2_in_round_1)  # forked workers inherit it
-    for executor in ("sequential", "processes", "batched"):
+    for executor in ("sequential", "processes", "batched", "isolated"):
         run_experiment(small_config("fedmd", **{"runtime.executor": executor, "runtime.dropout": 0.2}),
                        tmp_path / executor)
     rows = _rows(tmp_path / "processes")
     assert rows == _rows(tmp_path / "sequential") == _rows(tmp_path / "batched")  # FedMD has no batched handler
+    assert rows == _rows(tmp_path / "isolated")
     assert rows[1]["failures"]["2"] == "communicate: raised OSError: disk full"
     assert all("dropout" in text for c, text in rows[0]["failures"].items())  # simulated dropouts alike
 
 
-def test_a_client_raising_in_a_worker_stops_a_run_that_says_raise_with_its_traceback(tmp_path, monkeypatch):
+@pytest.mark.parametrize("executor", ["processes", "isolated"])
+def test_a_client_raising_in_a_worker_stops_a_run_that_says_raise_with_its_traceback(tmp_path, monkeypatch, executor):
     monkeypatch.setattr(FedMDClient, "communicate", _fails_for_client_2_in_round_1)
-    config = small_config("fedmd", **{"runtime.executor": "processes", "runtime.on_client_error": "raise"})
+    config = small_config("fedmd", **{"runtime.executor": executor, "runtime.on_client_error": "raise"})
     with pytest.raises(ClientProcessError, match=r"(?s)client 2, stage communicate, round 1: OSError: disk full.*Traceback"):
         run_experiment(config, tmp_path / "out")
 
@@ -53,3 +55,26 @@ def test_workers_default_to_one_per_core_and_the_executor_is_the_simulators(tmp_
     assert summary["workers"] == os.cpu_count() and summary["executor"] == "processes"
     with pytest.raises(ConfigError, match="runtime.executor.*processes.*simulator"):
         load_config(base={"runtime": {"name": "flower-sim", "executor": "processes"}})
+
+
+def _dies_in_round_1(self, message, ctx):
+    if ctx.client_id == 2 and ctx.round == 1:
+        os._exit(3)  # the client's process ends without a word (a crash, a kill)
+    return _communicate(self, message, ctx)
+
+
+def test_an_isolated_client_whose_process_dies_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(FedMDClient, "communicate", _dies_in_round_1)
+    summary = run_experiment(small_config("fedmd", rounds=3, **{"runtime.executor": "isolated"}), tmp_path)
+    rows = _rows(tmp_path)
+    assert rows[1]["failures"]["2"].startswith("communicate: raised ClientProcessEnded")
+    assert "2" in rows[2]["failures"] and len(rows[2]["failures"]) == 1  # gone for good; the others go on
+    assert summary["final"]["client_acc"][2] is None and summary["final"]["client_acc"][0] is not None
+
+
+def test_hetvqa_cannot_run_isolated():
+    from hetpfl.experiment import prepare
+
+    with pytest.raises(ConfigError, match="runtime.executor.*isolated.*example store"):
+        prepare(load_config(base={"algorithm": {"name": "fedmosaic"}, "data": {"dataset": "hetvqa"},
+                                  "runtime": {"executor": "isolated"}}))

@@ -133,7 +133,8 @@ class RuntimeConfig(Validated):
     # memory | disk (spill client states to disk) | none (stateless clients: nothing kept between rounds)
     client_state: str = option("memory", choices=STORES)
     executor: str = option("sequential", choices=EXECUTORS)
-    workers: int = option(0, ge=0, le=MAX_TORCH_THREADS)  # executor processes: worker processes (0: one per core)
+    # processes: worker processes; isolated: clients working at once (0: one per core)
+    workers: int = option(0, ge=0, le=MAX_TORCH_THREADS)
     compression: str = option("none", choices=COMPRESSIONS)  # fp16: messages' float32 arrays travel as float16
     # CPU threads for torch. 1 is as fast for these small models, far faster on a busy machine
     # (OpenMP threads spin), and part of reproducibility: reduction order depends on it.

@@ -18,10 +18,25 @@ stage raised. No algorithm sees which executor ran it.
   Every random stream is keyed by (seed, client, round, stage), and a worker runs a client's
   stage exactly as the sequential executor does, so the records are the sequential executor's,
   byte for byte (the contract tests check it for every registered method).
+* ``isolated``: every client in a process of its own that holds only that client's data, as a
+  deployment's SuperNode does. The processes are forked once per run from the prepared run; each
+  empties every other client's splits (and the global test split) in place before it runs any
+  client code, and the run's own process, where the server runs, then empties every client's
+  training split, so no frame, closure or ``gc`` walk from a client stage finds another client's
+  data, nor one from the server a client's training data (``tests/test_isolation.py``). The
+  server's process keeps the clients' test splits: the experimenter scores the server's models
+  (``extra_models``) on them there, as a Flower deployment's ServerApp does. Messages and records travel as hetpfl messages in length-limited
+  frames (never pickled: a client process cannot make the server's run code). Up to
+  ``runtime.workers`` clients work at once (0: one per core); the records are the sequential
+  executor's, byte for byte. It costs a process per client (a fork shares the memory the run had
+  prepared; each adds its own working memory), so it suits checks and federations of tens of
+  clients, not thousands. HetVQA's clients share one example store, so it cannot run isolated.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 import multiprocessing
 import os
@@ -54,6 +69,10 @@ class Executor(Protocol):
     (``<stage>_many``) when the method has one; otherwise every group is a single client."""
 
     batched: bool
+
+    def start(self, host: ClientHost) -> None:
+        """Called once before the run's first stage (the isolated executor forks its clients here)."""
+        ...
 
     def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
             messages: Mapping[int, Message]) -> dict[int, Outcome]: ...
@@ -91,6 +110,9 @@ class SequentialExecutor:
             return False
         outcomes.update(replies)
         return True
+
+    def start(self, host: ClientHost) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -144,6 +166,9 @@ class ProcessExecutor:
         self._pool: Any = None
         self._host: ClientHost | None = None
 
+    def start(self, host: ClientHost) -> None:
+        pass  # the pool is forked at the first stage with two clients or more
+
     def _pool_for(self, host: ClientHost) -> Any:
         if self._pool is None or self._host is not host:
             self.close()
@@ -189,6 +214,137 @@ class ProcessExecutor:
         self._pool, self._host = None, None
 
 
+class IsolatedExecutor:
+    """Every client in a process of its own, holding only its own data (module docstring)."""
+
+    batched = False
+
+    def __init__(self, workers: int = 0) -> None:
+        self.workers = worker_count(workers)  # clients working at once
+        self._clients: dict[int, tuple[Any, Any]] = {}  # client -> (its process, the server's end of its pipe)
+        self._limit = 2**30
+
+    def start(self, host: ClientHost) -> None:
+        run = host.run
+        if hasattr(run.data, "client_examples"):
+            raise ValueError("runtime.executor='isolated' cannot run HetVQA: its clients share one example store")
+        _ = run.message_sizes  # computed from the whole data, before this process withholds it
+        self._limit = run.max_reply_bytes
+        context = multiprocessing.get_context("fork")
+        threads = torch.get_num_threads()
+        for client in range(run.num_clients):
+            server_end, client_end = context.Pipe()
+            earlier = [end for _, end in self._clients.values()]  # a client must not inherit the others' pipes
+            process = context.Process(target=_serve_isolated_client, daemon=True,
+                                      args=(host, client, client_end, server_end, earlier, threads))
+            process.start()
+            client_end.close()
+            self._clients[client] = (process, server_end)
+        # The server's process keeps no client's training data; the test splits stay for the
+        # experimenter's measurement of the server's models on them (as a Flower ServerApp's do).
+        run.data.withhold((), global_test=True, test_splits=True)
+        gc.collect()
+
+    def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
+            messages: Mapping[int, Message]) -> dict[int, Outcome]:
+        clients = [c for group in groups for c in group]
+        outcomes: dict[int, Outcome] = {}
+        sent: dict[int, bool] = {}
+
+        def send(client: int) -> None:
+            record = host.store.get(client)
+            try:
+                _send_frames(self._clients[client][1], {"stage": stage, "round": rnd}, messages[client].to_bytes(),
+                             b"" if record is None else record.to_bytes())
+                sent[client] = True
+            except (OSError, ValueError) as exc:  # its process is gone
+                sent[client] = False
+                outcomes[client] = Failed("ClientProcessEnded", f"client {client}'s process ended ({exc})")
+
+        for client in clients[: self.workers]:
+            send(client)
+        for i, client in enumerate(clients):
+            if sent[client]:
+                try:
+                    header, reply, record = _receive_frames(self._clients[client][1], self._limit)
+                except (EOFError, OSError, ValueError) as exc:
+                    header, reply, record = {"failure": ["ClientProcessEnded", f"client {client}'s process ended "
+                                                         f"({type(exc).__name__})", ""]}, b"", b""
+                if header.get("failure"):
+                    kind, text, trace = header["failure"]
+                    if host.run.on_client_error == "raise":
+                        raise ClientProcessError(f"client {client}, stage {stage}, round {rnd}: {kind}: {text}\n{trace}")
+                    outcomes[client] = Failed(kind, text)
+                else:
+                    if record:
+                        host.store.put(client, Message.from_bytes(record))
+                    outcomes[client] = Message.from_bytes(reply)
+            if i + self.workers < len(clients):
+                send(clients[i + self.workers])
+        return outcomes
+
+    def close(self) -> None:
+        for _process, end in self._clients.values():
+            try:
+                _send_frames(end, {"stop": True}, b"", b"")
+            except (OSError, ValueError):
+                pass
+        for process, end in self._clients.values():
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+            end.close()
+        self._clients = {}
+
+
+def _send_frames(end: Any, header: dict[str, Any], first: bytes, second: bytes) -> None:
+    end.send_bytes(json.dumps(header).encode())
+    end.send_bytes(first)
+    end.send_bytes(second)
+
+
+def _receive_frames(end: Any, limit: int) -> tuple[dict[str, Any], bytes, bytes]:
+    """A header (JSON) and two payloads, each refused past ``limit`` bytes (OSError) before it is read."""
+    header = json.loads(end.recv_bytes(1 << 20))
+    if not isinstance(header, dict):
+        raise ValueError("a frame header that is not an object")
+    return header, end.recv_bytes(limit), end.recv_bytes(limit)
+
+
+def _serve_isolated_client(host: ClientHost, client: int, end: Any, server_end: Any, earlier: list[Any],
+                           threads: int) -> None:
+    """An isolated client's process: withhold every other party's data, then run stages until told to stop."""
+    server_end.close()
+    for other in earlier:
+        other.close()
+    torch.set_num_threads(threads)
+    host.run.data.withhold({client}, global_test=False)
+    host.store = MemoryStore()  # the server's store object: empty here (records come with tasks)
+    gc.collect()
+    own = ClientHost(host.run, MemoryStore())
+    while True:
+        try:
+            header, message, record = _receive_frames(end, 2**40)
+        except (EOFError, OSError):
+            return  # the server is gone
+        if header.get("stop"):
+            return
+        if record:
+            own.store.put(client, Message.from_bytes(record))
+        failure, reply_bytes, record_bytes = None, b"", b""
+        try:
+            reply = own.handle(client, header["stage"], int(header["round"]), Message.from_bytes(message))
+            new_record = own.store.get(client)
+            reply_bytes = reply.to_bytes()
+            record_bytes = b"" if new_record is None else new_record.to_bytes()
+        except Exception as exc:  # noqa: BLE001  (reported to the server, which applies the run's policy)
+            failure = [type(exc).__name__, str(exc), traceback.format_exc()]
+        finally:
+            own.store._records.pop(client, None)  # the server keeps the record
+        _send_frames(end, {"failure": failure}, reply_bytes, record_bytes)
+
+
 class BatchedExecutor(SequentialExecutor):
     """The sequential executor, offering each group of same-architecture clients to the method's
     batched handler (``<stage>_many``) where it has one."""
@@ -197,14 +353,14 @@ class BatchedExecutor(SequentialExecutor):
 
 
 EXECUTORS: dict[str, type] = {"sequential": SequentialExecutor, "processes": ProcessExecutor,
-                              "batched": BatchedExecutor}
+                              "batched": BatchedExecutor, "isolated": IsolatedExecutor}
 
 
 def make_executor(name: str, workers: int = 0) -> Executor:
     if name not in EXECUTORS:
         raise ValueError(f"runtime.executor={name!r} is not supported (allowed: {', '.join(EXECUTORS)})")
-    return ProcessExecutor(workers) if name == "processes" else EXECUTORS[name]()
+    return EXECUTORS[name](workers) if name in ("processes", "isolated") else EXECUTORS[name]()
 
 
-__all__ = ["EXECUTORS", "BatchedExecutor", "ClientProcessError", "Executor", "Failed", "Outcome", "ProcessExecutor",
+__all__ = ["EXECUTORS", "BatchedExecutor", "ClientProcessError", "Executor", "Failed", "IsolatedExecutor", "Outcome", "ProcessExecutor",
            "SequentialExecutor", "make_executor", "worker_count"]

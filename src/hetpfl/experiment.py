@@ -111,6 +111,7 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
         for name in ("metrics.jsonl", "timings.jsonl"):
             _keep_rounds_before(out / name, next_round)
     (out / "config.yaml").write_text(config_yaml(config))
+    data_facts = _data_facts(prepared)  # before the run: an isolated run's process withholds the clients' data
     setup_s = time.perf_counter() - started
     mode = "a" if resume else "w"
     with (out / "metrics.jsonl").open(mode) as metrics, (out / "timings.jsonl").open(mode) as timings:
@@ -139,11 +140,11 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
         "runtime": runtime_name,
         "executor": runtime.executor,
         "kernels": runtime.kernels,
-        **({"workers": worker_count(runtime.workers)} if runtime.executor == "processes" else {}),
+        **({"workers": worker_count(runtime.workers)} if runtime.executor in ("processes", "isolated") else {}),
         "setup_time_s": setup_s,
         "clients": prepared.clients,
         **({"setup": prepared.setup} if prepared.setup else {}),
-        **_data_facts(prepared),
+        **data_facts,
         "environment": {"hetpfl": __version__, "python": platform.python_version(), "numpy": np.__version__,
                         "torch": _torch_version(), "processor": platform.machine(),
                         "portable_numerics": portable_numerics_active()},

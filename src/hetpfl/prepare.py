@@ -46,6 +46,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
         raise ConfigError(f"algorithm.name={spec.name!r}: a {spec.task_kind} method cannot run on data.dataset="
                           f"{d.dataset!r} ({wanted}); methods for it: {', '.join(_methods_for(wanted))}")
     if d.dataset == HETVQA:
+        require(config.runtime.executor != "isolated", "runtime.executor", "isolated",
+                "a runtime whose clients may share memory: HetVQA's clients share one example store")
         return _prepare_hetvqa(config, spec)
     try:
         source = load_dataset(d.dataset, d.data_dir, **d.options)

@@ -3,7 +3,8 @@
 Clients run inside this process through a :class:`~hetpfl.clienthost.ClientHost`; *how* they are
 executed is an :class:`~hetpfl.executors.Executor` choice that no algorithm sees
 (:mod:`hetpfl.executors`): one by one in this process (``sequential``, the reference), or spread
-over worker processes (``processes``).
+over worker processes (``processes``), or each client in a process of its own holding only its
+data (``isolated``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def simulate(
         executor = make_executor(executor, workers)
     host = ClientHost(run, store if store is not None else make_store(client_state))
     try:
+        executor.start(host)
         summary = run_rounds(run, InProcessTransport(host, executor), on_round=on_round, checkpoint=checkpoint,
                              resume=resume)
         if executor.batched:

@@ -30,7 +30,7 @@ same seed without the shift; the public set and ``global_test`` stay untransform
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,27 @@ class FederatedData:
         self.__dict__.update(state)
         self._views = {}
 
+    def withhold(self, keep: Collection[int], *, global_test: bool, test_splits: bool = False) -> None:
+        """Empty, in place, every client's splits (and their source indices) but those of ``keep``,
+        the clients' test splits unless ``test_splits`` keeps them all, and ``global_test`` unless
+        kept: a process that hosts only ``keep`` (an isolated client, a SuperNode), or only the server
+        and the experimenter's measurements, then holds nothing else. In place, because every holder
+        of this object (a caller's frame included) must see it emptied; the empty splits are fresh
+        arrays, not views that would keep the full ones alive."""
+        keep = set(keep)
+        for splits, indices, kept in ((self.client_train, self.train_indices, keep),
+                                      (self.client_test, self.test_indices, range(len(self.client_test))
+                                       if test_splits else keep)):
+            for i, split in enumerate(splits):
+                if i not in kept:
+                    splits[i] = _empty_like(split)
+            for i in range(len(indices)):
+                if i not in kept:
+                    indices[i] = np.zeros(0, dtype=indices[i].dtype)
+        if not global_test:
+            self.global_test = _empty_like(self.global_test)
+        self._views.clear()
+
     def label_counts(self) -> np.ndarray:
         """``(num_clients, num_classes)`` counts of every client's private train labels."""
         return np.stack(
@@ -174,6 +195,12 @@ class FederatedData:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _empty_like(split: ArrayDataset) -> ArrayDataset:
+    """A split with no rows and ``split``'s shapes and dtypes, sharing no memory with it."""
+    task = None if split.task is None else np.zeros(0, dtype=split.task.dtype)
+    return ArrayDataset(np.zeros((0, *split.x.shape[1:]), dtype=split.x.dtype), np.zeros(0, dtype=split.y.dtype), task)
 
 
 def _balanced_counts(available: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:

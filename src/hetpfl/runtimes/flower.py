@@ -31,7 +31,6 @@ experiment's YAML, and receives the function that does it (``build_run``,
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -49,7 +48,6 @@ import numpy as np
 from ..algorithms import ALGORITHMS
 from ..algorithms.base import EVALUATE_STAGE
 from ..clienthost import ClientHost, DiskStore
-from ..data import ArrayDataset
 from ..engine import CheckpointPolicy, Exchange, RunSpec, run_rounds
 from ..messages import Message
 from ..state import private_folder
@@ -440,8 +438,8 @@ def _client_side(experiment: str, context: "Context", meta: Mapping[str, Any], b
     side = _CLIENT_SIDES.get(key)
     if side is None:
         run = build_run(experiment, data_dir)
-        if partition is not None:
-            run = _own_partition(run, partition)
+        if partition is not None:  # the other clients' splits and the global test split emptied, so freed
+            run.data.withhold({partition}, global_test=False)
         side = _ClientSide(run, ClientHost(run, DiskStore(state_dir)))
         if len(_CLIENT_SIDES) >= 8:  # a process serves one run; keep memory bounded anyway
             _CLIENT_SIDES.clear()
@@ -451,23 +449,6 @@ def _client_side(experiment: str, context: "Context", meta: Mapping[str, Any], b
 
 def _user() -> str:
     return str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-
-
-def _own_partition(run: RunSpec, partition: int) -> RunSpec:
-    """The run with only ``partition``'s private data (the other clients' splits and the global
-    test split emptied, so the rest is freed)."""
-    data = run.data
-
-    def keep(i: int, d: Any) -> Any:
-        return d if i == partition else ArrayDataset(d.x[:0], d.y[:0], None if d.task is None else d.task[:0])
-
-    data = dataclasses.replace(
-        data,
-        client_train=[keep(i, d) for i, d in enumerate(data.client_train)],
-        client_test=[keep(i, d) for i, d in enumerate(data.client_test)],
-        global_test=keep(-1, data.global_test),
-    )
-    return dataclasses.replace(run, data=data)
 
 
 def _partition_id(context: "Context") -> int | None:
