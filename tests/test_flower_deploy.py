@@ -1,5 +1,5 @@
 """A real Flower deployment on loopback: one SuperLink and three SuperNodes as separate processes,
-``flwr run`` of two FedMD rounds on digits, the results folder written by the ServerApp, and
+``hetpfl flwr-run`` (``flwr run``, followed to its end) of two FedMD rounds on digits, the results folder written by the ServerApp, and
 every process stopped afterwards. The metrics must equal the in-process simulator's.
 
 The commands are the ones docs/deployment.md gives (insecure on loopback only).
@@ -170,16 +170,19 @@ def test_superlink_three_supernodes_and_flwr_run(tmp_path):
             start(f"supernode-{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                   "--port", str(port), "--node-config",
                   f'partition-id={i} num-partitions={NODES} torch-threads=1 state-dir="{states}"')
-        run = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config",
-             f'config="configs/default.yaml" set="{overrides}" out="{out}" node-timeout=60 stage-timeout=120'],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False,
-        )
-        deadline = time.monotonic() + 30
-        while not (out / "summary.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        def flwr_run(run_config: str) -> subprocess.CompletedProcess:
+            # `hetpfl flwr-run` is `flwr run` that follows the run and exits with how it ended
+            return subprocess.run([str(BIN / "hetpfl"), "flwr-run", str(REPO), "loopback", "--run-config", run_config],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+
+        run = flwr_run(f'config="configs/default.yaml" set="{overrides}" out="{out}" node-timeout=60 stage-timeout=120')
         logs_text = "\n".join(f"--- {p.name}\n{_tail(p)}" for p in sorted(logs.glob("*.log")))
-        assert (out / "summary.json").exists(), f"flwr run: {run.returncode}\n{run.stdout}\n{run.stderr}\n{logs_text}"
+        assert (out / "summary.json").exists(), f"flwr-run: {run.returncode}\n{run.stdout}\n{run.stderr}\n{logs_text}"
+        assert run.returncode == 0 and "finished:completed" in run.stderr, run.stderr
+        # a ServerApp that fails (here: a config error) is a non-zero exit, with Flower's details
+        failed = flwr_run(f'config="configs/default.yaml" set="{overrides}; rounds=0" out="{tmp_path / "bad"}"')
+        assert failed.returncode == 1, (failed.returncode, failed.stderr)
+        assert "ended finished:failed" in failed.stderr and "rounds" in failed.stderr, failed.stderr
     finally:
         survivors = _stop(procs)
     elapsed = time.monotonic() - started

@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--data-dir")
     pre.add_argument("--force", action="store_true", help="train again even when cached")
     pre.set_defaults(func=_cmd_pretrain)
+    # parsed by hetpfl.flwr_run itself (its arguments are flwr run's); listed here for --help
+    sub.add_parser("flwr-run", help="flwr run ARGS, then follow the run: exit 1 unless Flower says it completed")
     lst = sub.add_parser("list", help="registered algorithms, architectures, datasets and partitions")
     lst.set_defaults(func=_cmd_list)
     return parser
@@ -266,6 +268,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["flwr-run"]:  # flwr run's own arguments follow: not ours to parse
+        from . import flwr_run  # noqa: PLC0415
+
+        if {"-h", "--help"} & set(argv[1:]):
+            print(f"usage: hetpfl flwr-run [APP] [SUPERLINK] [flwr run options] [--no-stream]\n\n{flwr_run.__doc__}")
+            return 0
+        try:
+            return flwr_run.flwr_run(argv[1:])
+        except (flwr_run.FlowerCliError, OSError) as exc:
+            print(f"hetpfl: flwr-run: {exc}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     if getattr(args, "portable_numerics", False) and not portable_numerics_active():
         if not portable_numerics_supported():
