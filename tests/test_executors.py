@@ -78,3 +78,20 @@ def test_hetvqa_cannot_run_isolated():
     with pytest.raises(ConfigError, match="runtime.executor.*isolated.*example store"):
         prepare(load_config(base={"algorithm": {"name": "fedmosaic"}, "data": {"dataset": "hetvqa"},
                                   "runtime": {"executor": "isolated"}}))
+
+
+def test_an_isolated_run_killed_mid_way_resumes_to_the_uninterrupted_records(tmp_path):
+    class Crash(RuntimeError):
+        pass
+
+    def crash_in_round_1(row):
+        if row["round"] == 1:
+            raise Crash
+
+    config = small_config("cosmos", rounds=3, **{"runtime.executor": "isolated", "runtime.checkpoint_every": 1})
+    with pytest.raises(Crash):
+        run_experiment(config, tmp_path / "isolated", on_round=crash_in_round_1)
+    summary = run_experiment(config, tmp_path / "isolated", resume=True)  # fresh client processes, records from the checkpoint
+    assert summary["resumed_at_round"] == 1
+    run_experiment(small_config("cosmos", rounds=3), tmp_path / "sequential")
+    assert _rows(tmp_path / "isolated") == _rows(tmp_path / "sequential")
