@@ -124,7 +124,7 @@ class LocalGrid:
                                          state=RecordDict(), run_config={})
             for i, cfg in enumerate(node_configs)
         }
-        self.fail = fail or {}  # {(partition, stage): reason}
+        self.fail = fail or {}  # {(partition, stage): reason, or (Flower error code, reason)}
         self.silent = set(silent)  # {(partition, stage)}: no reply at all
         self.sent_bytes = {}  # stage -> Flower's count of the payloads sent down
         self.reply_bytes = {}  # stage -> Flower's count of the payloads sent up
@@ -147,7 +147,8 @@ class LocalGrid:
             if key in self.fail:
                 from flwr.app import Error
 
-                self.inbox[message_id] = FlowerMessage(Error(code=0, reason=self.fail[key]), reply_to=msg)
+                code, reason = self.fail[key] if isinstance(self.fail[key], tuple) else (0, self.fail[key])
+                self.inbox[message_id] = FlowerMessage(Error(code=code, reason=reason), reply_to=msg)
                 continue
             reply = client_app(msg, context)
             if not reply.has_error():
@@ -184,6 +185,21 @@ def test_local_grid_reproduces_the_simulator_and_flowers_byte_counts(tmp_path):
     # each node kept its personal model on its side, and nothing else: no copy of its partition
     states = sorted(p.name for p in (tmp_path / "states").glob("run-7/*"))
     assert states == [f"client-{i:06d}.npz" for i in range(6)]
+
+
+def test_a_message_flower_could_not_deliver_is_a_failure_and_not_counted_as_sent(tmp_path):
+    """Probe 4.1(c): Flower's NODE_UNAVAILABLE (code 5) means the message never reached its node, so
+    its bytes are not traffic; a node that got the message and then failed (code 0) cost them."""
+    config = small_config("fedmd", rounds=1)
+    rows = {}
+    for code in (0, 5):
+        grid = LocalGrid(_nodes(6, tmp_path / f"states-{code}"), fail={(2, "communicate"): (code, "node gone")})
+        run_experiment(config, tmp_path / f"code-{code}", runner=lambda prepared, on_round, grid=grid: run_on_grid(
+            grid, prepared.run, config_yaml(prepared.config), on_round, node_timeout=5))
+        rows[code] = _measures(tmp_path / f"code-{code}")[0]
+        assert rows[code]["failures"]["2"] == f"communicate: node gone (Flower error code {code})"
+    delivered, undelivered = rows[0]["bytes_down_by_client"], rows[5]["bytes_down_by_client"]
+    assert undelivered[2] < delivered[2] and undelivered[:2] + undelivered[3:] == delivered[:2] + delivered[3:]
 
 
 def test_failing_and_silent_clients_are_reported_and_the_round_goes_on(tmp_path):

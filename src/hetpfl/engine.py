@@ -87,8 +87,17 @@ class RunSpec:
     def message_sizes(self) -> dict[str, int]:
         """The named sizes messages are validated against (the run's; a message down binds more)."""
         data = self.data
-        return {"num_classes": data.num_classes, "num_public_total": len(data.public), "num_tasks": len(data.tasks),
-                "num_examples_max": sum(map(len, data.client_train)) + sum(map(len, data.client_test))}
+        return {"num_classes": data.num_classes, "num_public_total": len(data.public), "num_tasks": len(data.tasks)}
+
+    @functools.cached_property
+    def client_example_counts(self) -> tuple[int, ...]:
+        """Each client's examples, train and test: the most its replies may say it used
+        (``num_examples``; a deployment's server learns them from each node's hello)."""
+        return tuple(len(train) + len(test) for train, test in zip(self.data.client_train, self.data.client_test))
+
+    def message_sizes_for(self, client: int) -> dict[str, int]:
+        """The named sizes a client's messages are validated against."""
+        return {**self.message_sizes, "num_examples_max": self.client_example_counts[client]}
 
     def client_modules(self, client: int) -> dict[str, ModuleSpec]:
         """The module slots client ``client`` holds (its method's declaration for its architecture)."""
@@ -231,7 +240,6 @@ class RoundComm:
 
     def __init__(self, run: RunSpec, transport: Transport, rnd: int, ledger: Ledger) -> None:
         self.run, self.transport, self.rnd, self.ledger = run, transport, rnd, ledger
-        self.sizes = run.message_sizes
 
     def ask(self, stage: str, messages: Mapping[int, Message]) -> dict[int, Message]:
         schema = self.run.algorithm.schema(stage)
@@ -240,7 +248,7 @@ class RoundComm:
         for client in sorted(messages):
             if not 0 <= client < self.run.num_clients:
                 raise MessageError(f"stage '{stage}': no client {client} (clients are 0..{self.run.num_clients - 1})")
-            sizes[client] = dict(self.sizes)
+            sizes[client] = self.run.message_sizes_for(client)
             schema.down.validate(messages[client], where=f"stage '{stage}' down to client {client}", sizes=sizes[client])
             outgoing[client] = compress(messages[client], self.run.compression)
         started = time.perf_counter()

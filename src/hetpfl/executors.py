@@ -228,7 +228,7 @@ class IsolatedExecutor:
         run = host.run
         if hasattr(run.data, "client_examples"):
             raise ValueError("runtime.executor='isolated' cannot run HetVQA: its clients share one example store")
-        _ = run.message_sizes  # computed from the whole data, before this process withholds it
+        _ = run.message_sizes, run.client_example_counts  # from the whole data, before this process withholds it
         self._limit = run.max_reply_bytes
         context = multiprocessing.get_context("fork")
         threads = torch.get_num_threads()

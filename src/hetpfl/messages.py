@@ -151,8 +151,8 @@ class ArrayField:
 
 
 # Bounds of the scalars every method's replies share, wherever a schema declares them (a schema's
-# own ``scalar_bounds`` take precedence). "num_examples_max" is bound by the engine: all the
-# examples of the federation, train and test.
+# own ``scalar_bounds`` take precedence). "num_examples_max" is bound by the engine: the replying
+# client's own examples, train and test.
 SCALAR_BOUNDS: dict[str, tuple[float | str | None, float | str | None]] = {
     "num_examples": (0, "num_examples_max"),
     "accuracy": (0.0, 1.0),
