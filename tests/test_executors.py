@@ -95,3 +95,37 @@ def test_an_isolated_run_killed_mid_way_resumes_to_the_uninterrupted_records(tmp
     assert summary["resumed_at_round"] == 1
     run_experiment(small_config("cosmos", rounds=3), tmp_path / "sequential")
     assert _rows(tmp_path / "isolated") == _rows(tmp_path / "sequential")
+
+
+def test_an_isolated_client_that_answers_garbage_is_stopped_and_recorded(tmp_path, monkeypatch):
+    from hetpfl import executors
+
+    send, serve = executors._send_frames, executors._serve_isolated_client
+    mine = {"client": None, "answers": 0}  # each client's process has its own copy
+
+    def serve_as(host, client, *rest):
+        mine["client"] = client
+        return serve(host, client, *rest)
+
+    def garbled(end, header, first, second):  # client 2's second answer (round 0's digest) is junk
+        if mine["client"] == 2 and "failure" in header:
+            mine["answers"] += 1
+            if mine["answers"] == 2:
+                first = b"not a hetpfl message"
+        return send(end, header, first, second)
+
+    monkeypatch.setattr(executors, "_serve_isolated_client", serve_as)
+    monkeypatch.setattr(executors, "_send_frames", garbled)
+    run_experiment(small_config("fedmd", rounds=2, **{"runtime.executor": "isolated"}), tmp_path)
+    rows = _rows(tmp_path)
+    assert list(rows[0]["failures"]) == ["2"] and "its answer was unreadable" in rows[0]["failures"]["2"]
+    assert "its process is stopped" in rows[0]["failures"]["2"]
+    assert list(rows[1]["failures"]) == ["2"] and "ended in an earlier stage" in rows[1]["failures"]["2"]
+
+
+def test_a_reply_over_the_cap_is_recorded_by_the_isolated_executor_as_by_the_sequential_one(tmp_path):
+    for executor in ("sequential", "isolated"):
+        run_experiment(small_config("fedmd", rounds=1, **{"runtime.executor": executor, "runtime.max_reply_mb": 0.01}),
+                       tmp_path / executor)
+    rows = _rows(tmp_path / "isolated")
+    assert rows == _rows(tmp_path / "sequential") and "over runtime.max_reply_mb" in rows[0]["failures"]["0"]

@@ -222,14 +222,16 @@ class IsolatedExecutor:
     def __init__(self, workers: int = 0) -> None:
         self.workers = worker_count(workers)  # clients working at once
         self._clients: dict[int, tuple[Any, Any]] = {}  # client -> (its process, the server's end of its pipe)
-        self._limit = 2**30
+        self._reply_limit = 2**30
 
     def start(self, host: ClientHost) -> None:
         run = host.run
         if hasattr(run.data, "client_examples"):
             raise ValueError("runtime.executor='isolated' cannot run HetVQA: its clients share one example store")
         _ = run.message_sizes, run.client_example_counts  # from the whole data, before this process withholds it
-        self._limit = run.max_reply_bytes
+        # Past the cap the engine records the reply as too large, as for any executor; a frame far past
+        # it is cut here, unread, so a client cannot fill the server's memory.
+        self._reply_limit = 2 * run.max_reply_bytes + 2**20
         context = multiprocessing.get_context("fork")
         threads = torch.get_num_threads()
         for client in range(run.num_clients):
@@ -249,39 +251,57 @@ class IsolatedExecutor:
             messages: Mapping[int, Message]) -> dict[int, Outcome]:
         clients = [c for group in groups for c in group]
         outcomes: dict[int, Outcome] = {}
-        sent: dict[int, bool] = {}
-
-        def send(client: int) -> None:
-            record = host.store.get(client)
-            try:
-                _send_frames(self._clients[client][1], {"stage": stage, "round": rnd}, messages[client].to_bytes(),
-                             b"" if record is None else record.to_bytes())
-                sent[client] = True
-            except (OSError, ValueError) as exc:  # its process is gone
-                sent[client] = False
-                outcomes[client] = Failed("ClientProcessEnded", f"client {client}'s process ended ({exc})")
-
         for client in clients[: self.workers]:
-            send(client)
+            self._send(host, client, stage, rnd, messages, outcomes)
         for i, client in enumerate(clients):
-            if sent[client]:
-                try:
-                    header, reply, record = _receive_frames(self._clients[client][1], self._limit)
-                except (EOFError, OSError, ValueError) as exc:
-                    header, reply, record = {"failure": ["ClientProcessEnded", f"client {client}'s process ended "
-                                                         f"({type(exc).__name__})", ""]}, b"", b""
-                if header.get("failure"):
-                    kind, text, trace = header["failure"]
-                    if host.run.on_client_error == "raise":
-                        raise ClientProcessError(f"client {client}, stage {stage}, round {rnd}: {kind}: {text}\n{trace}")
-                    outcomes[client] = Failed(kind, text)
-                else:
-                    if record:
-                        host.store.put(client, Message.from_bytes(record))
-                    outcomes[client] = Message.from_bytes(reply)
+            if client not in outcomes:  # sent: its answer comes back in client order
+                outcomes[client] = self._collect(host, client, stage, rnd)
             if i + self.workers < len(clients):
-                send(clients[i + self.workers])
+                self._send(host, clients[i + self.workers], stage, rnd, messages, outcomes)
         return outcomes
+
+    def _send(self, host: ClientHost, client: int, stage: str, rnd: int, messages: Mapping[int, Message],
+              outcomes: dict[int, Outcome]) -> None:
+        if client not in self._clients:
+            outcomes[client] = Failed("ClientProcessEnded", f"client {client}'s process ended in an earlier stage")
+            return
+        record = host.store.get(client)
+        try:
+            _send_frames(self._clients[client][1], {"stage": stage, "round": rnd}, messages[client].to_bytes(),
+                         b"" if record is None else record.to_bytes())
+        except (OSError, ValueError) as exc:
+            self._stop(client)
+            outcomes[client] = Failed("ClientProcessEnded", f"client {client}'s process ended ({type(exc).__name__})")
+
+    def _collect(self, host: ClientHost, client: int, stage: str, rnd: int) -> Outcome:
+        """The client's answer: its reply (its new record kept here), or its failure. An answer that
+        cannot be read ends the client's process: its pipe can no longer be trusted to be in step."""
+        try:
+            header, reply_bytes, record_bytes = _receive_frames(self._clients[client][1], self._reply_limit, _RECORD_LIMIT)
+            failure = header.get("failure")
+            if failure is None:
+                reply = Message.from_bytes(reply_bytes)
+                record = Message.from_bytes(record_bytes) if record_bytes else None
+            elif not (isinstance(failure, list) and len(failure) == 3 and all(isinstance(f, str) for f in failure)):
+                raise ValueError("a failure that is not [kind, text, traceback]")
+        except Exception as exc:  # noqa: BLE001  (whatever came, or did not, is this client's failure)
+            self._stop(client)
+            why = "its process ended" if isinstance(exc, EOFError) else f"its answer was unreadable ({exc})"
+            failure = ["ClientProcessEnded", f"client {client}: {why}; its process is stopped", ""]
+        if failure is not None:
+            kind, text, trace = failure
+            if host.run.on_client_error == "raise":
+                raise ClientProcessError(f"client {client}, stage {stage}, round {rnd}: {kind}: {text}\n{trace}")
+            return Failed(kind, text)
+        if record is not None:
+            host.store.put(client, record)
+        return reply
+
+    def _stop(self, client: int) -> None:
+        process, end = self._clients.pop(client)
+        process.terminate()
+        process.join()
+        end.close()
 
     def close(self) -> None:
         for _process, end in self._clients.values():
@@ -304,12 +324,15 @@ def _send_frames(end: Any, header: dict[str, Any], first: bytes, second: bytes) 
     end.send_bytes(second)
 
 
-def _receive_frames(end: Any, limit: int) -> tuple[dict[str, Any], bytes, bytes]:
-    """A header (JSON) and two payloads, each refused past ``limit`` bytes (OSError) before it is read."""
+_RECORD_LIMIT = 2**34  # a client's state record coming back (models and method state): only absurd ones are cut
+
+
+def _receive_frames(end: Any, first_limit: int, second_limit: int) -> tuple[dict[str, Any], bytes, bytes]:
+    """A header (JSON) and two payloads, each refused past its limit (OSError) before it is read."""
     header = json.loads(end.recv_bytes(1 << 20))
     if not isinstance(header, dict):
         raise ValueError("a frame header that is not an object")
-    return header, end.recv_bytes(limit), end.recv_bytes(limit)
+    return header, end.recv_bytes(first_limit), end.recv_bytes(second_limit)
 
 
 def _serve_isolated_client(host: ClientHost, client: int, end: Any, server_end: Any, earlier: list[Any],
@@ -325,7 +348,7 @@ def _serve_isolated_client(host: ClientHost, client: int, end: Any, server_end: 
     own = ClientHost(host.run, MemoryStore())
     while True:
         try:
-            header, message, record = _receive_frames(end, 2**40)
+            header, message, record = _receive_frames(end, 2**40, 2**40)
         except (EOFError, OSError):
             return  # the server is gone
         if header.get("stop"):
