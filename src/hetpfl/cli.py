@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError):
             print(f"hetpfl: {'' if isinstance(exc, ResultsFolderError) else 'config error: '}{exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "DatasetUnavailableError":
+        if isinstance(exc, FileNotFoundError) or type(exc).__name__ in ("DatasetUnavailableError", "DatasetFormatError"):
             print(f"hetpfl: {exc}", file=sys.stderr)
             return 2
         print(f"hetpfl: {type(exc).__name__}: {exc} (hetpfl --debug ... shows the traceback)", file=sys.stderr)

@@ -20,7 +20,7 @@ from .adversaries import DATA_ATTACKS, choose_adversaries, flip_labels
 from .algorithms import get_algorithm
 from .config import ExperimentConfig, load_config
 from .configuration import ConfigError, FieldError, build_dataclass, require
-from .data import HETVQA, build_federated_data, load_dataset
+from .data import HETVQA, DatasetFormatError, build_federated_data, load_dataset
 from .kernels import set_kernels
 from .engine import RunSpec, assign_architectures
 from .models import ModuleSpec, build_module, count_flops, count_parameters
@@ -51,6 +51,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
         return _prepare_hetvqa(config, spec)
     try:
         source = load_dataset(d.dataset, d.data_dir, **d.options)
+    except DatasetFormatError:
+        raise  # a damaged file, not a config value: its own message names the file
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"data.options={d.options!r}: {exc}") from None
     n_train = len(source.train) if d.max_train_samples is None else min(d.max_train_samples, len(source.train))

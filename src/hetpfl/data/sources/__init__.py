@@ -21,7 +21,8 @@ Where data comes from
 ``~/.cache/hetpfl/data``. Decoded arrays of the file-based datasets (and mnist1d) are cached as
 ``.npz`` files in ``HETPFL_CACHE_DIR`` (default ``~/.cache/hetpfl/decoded``), because the data
 folder may be read-only. The cache key covers the dataset name and each source file's name, size
-and a hash of its first MiB, so replacing a file invalidates the cache.
+and a hash of its whole content, so any change to a file invalidates the cache; a cache whose
+arrays are not what decoding makes (shapes, dtypes, label range) is ignored and decoded again.
 
 Missing files are downloaded from the canonical hosts (with MD5 verification) only when
 ``download=True``; offline, a :class:`DatasetUnavailableError` says what to put where.

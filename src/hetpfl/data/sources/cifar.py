@@ -9,19 +9,22 @@ with mean 0.5 and std 0.5, i.e. ``x = (p / 255 - 0.5) / 0.5`` lies in ``[-1, 1]`
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import pickle
 import tarfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
 from .base import ArrayDataset, DatasetFormatError, DatasetSource, DatasetUnavailableError, resolve_cache_dir, to_float32
-from .cache import cache_path, cached_decode
+from .cache import DecodedLayout, cache_path, cached_decode
 from .download import download as _download
 
 __all__ = [
@@ -164,6 +167,20 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
     return arr
 
 
+def _open_checked(path: Path) -> BinaryIO:
+    """``path`` opened for reading, decompressed when gzip, bzip2 or xz: these readers raise
+    ``EOFError`` on a stream cut short and ``OSError`` on a bad checksum."""
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    if magic[:3] == b"BZh":
+        return bz2.open(path, "rb")
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
 def read_image_folder_tar(
     path: str | os.PathLike, class_names: Sequence[str] = CIFAR10_CLASSES
 ) -> dict[str, np.ndarray]:
@@ -176,7 +193,7 @@ def read_image_folder_tar(
     index = {c: i for i, c in enumerate(class_names)}
     items: dict[str, list[tuple[int, str, bytes]]] = {"train": [], "test": []}
     try:
-        with tarfile.open(path, "r|*") as tf:
+        with _open_checked(path) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -193,7 +210,11 @@ def read_image_folder_tar(
                 fh = tf.extractfile(m)
                 assert fh is not None
                 items[split].append((index[cls], fname, fh.read()))
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            # read the compressed stream to its end marker: a cut that falls between two members
+            # would otherwise look like the end of the archive (and silently drop the rest)
+            while raw.read(1 << 20):
+                pass
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise DatasetFormatError(f"corrupt image archive {path}: {exc}") from exc
     out: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
@@ -277,6 +298,10 @@ def _decoder(src: Path) -> tuple[str, Any]:
     return "image-folder archive", lambda: read_image_folder_tar(src, CIFAR10_CLASSES)
 
 
+# what both readers give: uint8 pixels (N, 3, 32, 32), int64 labels
+_CIFAR_LAYOUT = DecodedLayout((3, 32, 32), np.dtype(np.uint8), np.dtype(np.int64), 10)
+
+
 def load_cifar10(data_dir: Path, download: bool, use_cache: bool) -> DatasetSource:
     """Load CIFAR-10 from the first source found in ``data_dir`` (downloading when allowed)."""
     how_to = _cifar_how_to(data_dir)
@@ -298,7 +323,7 @@ def load_cifar10(data_dir: Path, download: bool, use_cache: bool) -> DatasetSour
     src = candidates[0]
     kind, decode = _decoder(src)
     files = _cifar_fingerprint_files(src)
-    arrays, note = cached_decode("cifar10", files, decode, use_cache=use_cache, extra=kind)
+    arrays, note = cached_decode("cifar10", files, decode, use_cache=use_cache, extra=kind, layout=_CIFAR_LAYOUT)
     # pixels / 255, then per-channel (x - 0.5) / 0.5  ==  pixels * (2/255) - 1, in [-1, 1]
     scale = np.float32(2.0 / 255.0)
     return DatasetSource(

@@ -19,7 +19,7 @@ import numpy as np
 
 from .base import DIGIT_CLASSES, ArrayDataset, DatasetFormatError, DatasetSource, DatasetUnavailableError
 from .base import resolve_cache_dir, to_float32
-from .cache import cache_path, cached_decode
+from .cache import DecodedLayout, cache_path, cached_decode
 from .download import download as _download
 
 __all__ = ["idx_info", "load_idx_dataset", "read_idx"]
@@ -202,6 +202,9 @@ def _decode_idx_files(files: list[Path]) -> dict[str, np.ndarray]:
     return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
 
 
+_IDX_LAYOUT = DecodedLayout((28, 28), np.dtype(np.uint8), np.dtype(np.uint8), 10)  # what _decode_idx_files gives
+
+
 def load_idx_dataset(name: str, data_dir: Path, download: bool, use_cache: bool) -> DatasetSource:
     """Load ``mnist`` or ``fashion_mnist`` (a key of :data:`_IDX_SPECS`) from ``data_dir``."""
     spec = _IDX_SPECS[name]
@@ -229,7 +232,7 @@ def load_idx_dataset(name: str, data_dir: Path, download: bool, use_cache: bool)
     folder, files = located
 
     arrays, note = cached_decode(
-        spec.name, files, lambda: _decode_idx_files(files), use_cache=use_cache
+        spec.name, files, lambda: _decode_idx_files(files), use_cache=use_cache, layout=_IDX_LAYOUT
     )
     scale = np.float32(1.0 / 255.0)
     return DatasetSource(
