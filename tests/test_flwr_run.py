@@ -31,6 +31,9 @@ if command == "log":
     print("INFO : round 1 done")
     sys.exit(0)
 if command == "ls":
+    if "ls_exit" in plan:  # the SuperLink is gone: flwr cannot reach it
+        print(plan.get("ls_error", ""), file=sys.stderr)
+        sys.exit(plan["ls_exit"])
     asked = sum(1 for line in calls.read_text().splitlines() if json.loads(line)[0] == "ls")
     status = plan["statuses"][min(asked, len(plan["statuses"])) - 1]
     print(json.dumps({"success": True, "runs": [{"run-id": "42", "status": status[0], "status-details": status[1]}]}))
@@ -91,3 +94,21 @@ def test_a_run_flower_would_not_start_is_its_exit_and_its_message(fake_flwr, cap
     assert main(["flwr-run", ".", "nowhere"]) == 1
     err = capsys.readouterr().err
     assert "flwr run started no run (exit 1)" in err and "cannot reach the SuperLink" in err
+
+
+def test_a_superlink_that_vanishes_mid_run_exits_one_with_one_line(fake_flwr, capsys):
+    """Probe 4.4: the SuperLink stopped during the run, its log ends, then ``flwr ls`` fails."""
+    calls = fake_flwr(run={"success": True, "run-id": "42"}, statuses=[], ls_exit=1,
+                      ls_error="Connection refused: the SuperLink at 127.0.0.1:9093 is unavailable")
+    assert main(["flwr-run", ".", "loopback"]) == 1
+    assert [c[0] for c in _calls(calls)] == ["run", "log", "ls"]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "hetpfl: flwr-run: flwr ls --run-id 42 exited 1: "
+        "Connection refused: the SuperLink at 127.0.0.1:9093 is unavailable")
+
+
+def test_a_run_stuck_running_past_the_timeout_exits_one_saying_so(fake_flwr, capsys):
+    calls = fake_flwr(run={"success": True, "run-id": "42"}, statuses=[["running", ""]])
+    assert flwr_run.flwr_run([".", "loopback", "--no-stream"], timeout_s=0.2, poll_s=0.01) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "hetpfl: Flower run 42 is still running after 0.2 s"
+    assert [c[0] for c in _calls(calls)].count("ls") >= 2  # asked again until the deadline

@@ -78,6 +78,9 @@ CASES = {
         "was sent down"),
     "fedavg: 10**15 examples": ("fedavg", {}, "train", lambda m: scalars(m, num_examples=10**15), "outside [0, "),
     "fedavg: negative examples": ("fedavg", {}, "train", lambda m: scalars(m, num_examples=-10**6), "outside [0, "),
+    # within the federation's examples but thrice its own: the weight of others' data (probe 2.14, ranked 5)
+    "fedavg: more examples than the client holds": (
+        "fedavg", {}, "train", lambda m: scalars(m, num_examples=3 * int(m.scalars["num_examples"])), "outside [0, "),
     "fedavg: a weight that was not sent": (
         "fedavg", {}, "train", lambda m: arrays(m, **{"w.evil": np.zeros(10**5, np.float32)}),
         "returns 'w.evil', which was not sent down"),
@@ -89,6 +92,15 @@ CASES = {
         lambda m: arrays(m, scores=np.zeros((50 * len(m.arrays["scores"]), 10), np.float32)),
         "bytes, over runtime.max_reply_mb (0.1 MiB)"),
     "fedmd: accuracy 7.5": ("fedmd", {}, "evaluate", lambda m: scalars(m, accuracy=7.5), "'accuracy'=7.5 is outside [0.0, 1.0]"),
+    "fedct: a negative label": (  # probe 2.6
+        "fedct", {}, "round", lambda m: arrays(m, labels=np.full_like(m.arrays["labels"], -1)),
+        "array 'labels' holds -1, below the smallest allowed value 0"),
+    "fedmd: loss -1": ("fedmd", {}, "evaluate", lambda m: scalars(m, loss=-1.0), "'loss'=-1.0 is outside [0.0, None]"),
+    "fedmd: -3 examples evaluated": (  # probe 2.16
+        "fedmd", {}, "evaluate", lambda m: scalars(m, num_examples=-3), "'num_examples'=-3 is outside [0, "),
+    "comet: 0 probability rows": (
+        "comet", {"algorithm.num_clusters": 2}, "round", lambda m: arrays(m, probs=m.arrays["probs"][:0]),
+        "axis 0: 0 != "),
 }
 
 
@@ -140,6 +152,20 @@ def test_a_reply_keeps_the_sizes_its_message_down_asked_for():
     with pytest.raises(ValueError, match="holds 287, expected values below 287"):
         schema.down.validate(Message({"public_idx": np.array([0, 287], np.int64)}), where="down",
                              sizes={"num_classes": 10, "num_public_total": 287})
+
+
+def test_a_message_down_with_public_indices_outside_the_public_set_is_refused():
+    """Probe 2.17: FedMD's ``public_idx`` down holding -5 or 10**6 (the public set has 287)."""
+    from hetpfl.algorithms import get_algorithm
+    from hetpfl.messages import MessageError
+
+    down = get_algorithm("fedmd").schema("communicate").down
+    for idx, message in [([-5], "holds -5, below the smallest allowed value 0"),
+                         ([-5, 10**6], "holds -5, below the smallest allowed value 0"),
+                         ([3, 10**6], "holds 1000000, expected values below 287")]:
+        with pytest.raises(MessageError, match=re.escape(f"down: array 'public_idx' {message}")):
+            down.validate(Message({"public_idx": np.array(idx, np.int64)}), where="down",
+                          sizes={"num_classes": 10, "num_public_total": 287})
 
 
 def test_the_honest_run_records_no_failure():

@@ -125,6 +125,53 @@ def test_an_unusable_results_path_is_one_line(tmp_path, capsys, make_target, mes
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
+def test_a_results_folder_whose_creation_is_refused_is_one_line(tmp_path, capsys, monkeypatch):
+    """Probe 1.36 (``-o /sys/kernel/x``): mkdir refused with EPERM inside ``runfolder.start``."""
+    import errno
+    from pathlib import Path
+
+    target = tmp_path / "refused" / "out"
+    mkdir = Path.mkdir
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if self == target or target in self.parents:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    assert main(["run", "configs/default.yaml", "-o", str(target), *sum((["--set", s] for s in TINY), [])]) == 2
+    err = capsys.readouterr().err  # after the run's header (mkdir comes once the data are prepared)
+    assert err.endswith(f"\nhetpfl: results folder {target} cannot be written (Operation not permitted); "
+                        "choose another -o\n")
+    assert "Traceback" not in err and "PermissionError" not in err
+    assert not target.exists()
+
+
+def test_a_results_folder_that_is_not_writable_is_refused_before_the_data_are_prepared(tmp_path, capsys, monkeypatch):
+    """Probe 1.37 (an existing folder the user cannot write): one line, and no data loaded first."""
+    import os
+
+    import hetpfl.experiment
+
+    target = tmp_path / "read-only"
+    target.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == str(target)
+                        else access(path, mode, **kw))
+    prepared = []
+
+    def prepare(config):
+        prepared.append(config)
+        raise AssertionError("the data were prepared before the results folder was checked")
+
+    monkeypatch.setattr(hetpfl.experiment, "prepare", prepare)
+    assert main(["run", "configs/default.yaml", "-o", str(target), *sum((["--set", s] for s in TINY), [])]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"hetpfl: results folder {target} cannot be written ({target} is not a writable folder); "
+                   "choose another -o\n")
+    assert prepared == [] and list(target.iterdir()) == []
+
+
 def test_an_unexpected_error_is_one_line_and_its_traceback_is_behind_debug(tmp_path, capsys, monkeypatch):
     import hetpfl.experiment
 
@@ -146,10 +193,15 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_is_behind_debug(tmp_p
     ("name=../../escape", "name='../../escape': expected one plain folder name"),
     ("client.lr=.inf", "client.lr=inf: must be finite"),
     ("client.max_grad_norm=0", "client.max_grad_norm=0.0: must be > 0"),
+    ("client.weight_decay=-1", "client.weight_decay=-1.0: must be >= 0"),  # probe 1.13 (torch raised in round 0)
+    ("client.optimizer=sgd client.momentum=-5", "client.momentum=-5.0: must be in [0, 1)"),  # probe 1.14
+    ("client.local_epochs=.inf", "client.local_epochs=inf: must be finite"),  # probe 1.15 (OverflowError in round 0)
 ])
 def test_values_that_would_hang_crash_or_escape_fail_before_any_file(tmp_path, capsys, override, message):
-    assert main(["run", "configs/default.yaml", "-o", str(tmp_path / "out"), "--set", override]) == 2
-    assert message in capsys.readouterr().err
+    sets = [arg for one in override.split() for arg in ("--set", one)]  # several overrides: space-separated
+    assert main(["run", "configs/default.yaml", "-o", str(tmp_path / "out"), *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hetpfl: config error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

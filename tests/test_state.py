@@ -169,3 +169,67 @@ def test_a_state_folder_open_to_others_is_closed_and_one_of_another_user_refused
     os.chown(foreign, 65534, 65534)
     with pytest.raises(StateError, match="belongs to another user \\(uid 65534\\)"):
         private_folder(foreign)
+
+
+class _WritesAMarker:
+    """Unpickling this object creates the file ``path`` (what a planted record would run)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_planted_record_holding_a_pickle_runs_no_code_and_fails_clearly(tmp_path):
+    """Probe 5.5 (a): a ``client-000000.npz`` planted in a DiskStore folder, holding an object array
+    whose unpickling would write a marker file, is refused as unreadable and runs nothing."""
+    from hetpfl.clienthost import DiskStore
+
+    store = DiskStore(tmp_path / "states")
+    marker = tmp_path / "marker"
+    planted = np.empty(1, dtype=object)
+    planted[0] = _WritesAMarker(marker)
+    np.savez(tmp_path / "states" / "client-000000.npz", w=planted)  # np.savez pickles object arrays
+    with pytest.raises(StateError, match=r"client-000000\.npz: not a readable state record \(ValueError: "
+                                         r"Object arrays cannot be loaded when allow_pickle=False\)"):
+        store.get(0)
+    snapshot = tmp_path / "snapshot"
+    store.snapshot(snapshot)  # a resumed run restores the same file from a checkpoint: still refused
+    fresh = DiskStore(tmp_path / "fresh")
+    fresh.restore(snapshot)
+    with pytest.raises(StateError, match="not a readable state record"):
+        fresh.get(0)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("already_there", [None, 0o777], ids=["made", "open-0777"])
+def test_a_supernodes_default_state_folder_is_its_users_own_and_private(tmp_path, monkeypatch, already_there):
+    """Probe 5.5 (b): with no ``state-dir`` a SuperNode keeps its clients' states in
+    ``<tempdir>/hetpfl-flower-<uid>/run-<id>``, both 0700 (an existing open folder is closed)."""
+    import os
+    import stat
+    import tempfile
+    from types import SimpleNamespace
+
+    from hetpfl.runtimes import flower
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = tmp_path / f"hetpfl-flower-{os.getuid()}"
+    if already_there is not None:
+        base.mkdir()
+        base.chmod(already_there)
+
+    class Built(Exception):
+        pass
+
+    def build_run(experiment, data_dir):  # the folders are made before the run is built
+        raise Built
+
+    context = SimpleNamespace(node_config={flower.PARTITION_ID: 0}, run_id=77)
+    with pytest.raises(Built):
+        flower._client_side("name: x", context, {}, build_run)
+    assert [p.name for p in tmp_path.iterdir()] == [base.name]
+    assert [p.name for p in base.iterdir()] == ["run-77"]
+    assert stat.S_IMODE(os.stat(base).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(base / "run-77").st_mode) == 0o700
