@@ -142,10 +142,10 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
-def _holding(arrays: list[np.ndarray], marks: dict[str, tuple[str, str, np.ndarray]]) -> list[str]:
+def _holding(arrays: list[np.ndarray], marks: dict[str, tuple[str, str, np.ndarray | None]]) -> list[str]:
     """Which marked splits ``arrays`` hold: the split's inputs or labels themselves, or a larger
     array its source indices pick them out of (the whole dataset's). ``marks``: name -> (digest of
-    the inputs, digest of the labels, the split's indices into its source)."""
+    the inputs, digest of the labels, the split's indices into its source, or None: only itself counts)."""
     found = set()
     for array in arrays:
         for name, (x_digest, y_digest, indices) in marks.items():
@@ -155,16 +155,17 @@ def _holding(arrays: list[np.ndarray], marks: dict[str, tuple[str, str, np.ndarr
             digest = y_digest if labels else x_digest
             if _digest(array) == digest:
                 found.add(name)
-            elif array.shape[0] > int(indices.max()) and _digest(array[indices]) == digest:
+            elif indices is not None and array.shape[0] > int(indices.max()) and _digest(array[indices]) == digest:
                 found.add(name)
     return sorted(found)
 
 
-def test_isolated_clients_reach_no_other_clients_data_and_the_server_no_training_data(tmp_path, monkeypatch):
+def test_isolated_clients_reach_no_other_clients_data_and_the_server_none(tmp_path, monkeypatch):
     """``runtime.executor: isolated``: from inside every client's stage (in its own process) the
     probe's walks — every caller's frame, the whole ``gc`` heap, the arrays those views keep alive —
     find no other client's train or test split and no global test split, and from the server's round
-    no client's training split; the records are the sequential run's, byte for byte."""
+    no client's split at all (its models are scored on the clients' test splits in the clients'
+    processes); the records are the sequential run's, byte for byte."""
     from hetpfl.experiment import prepare
 
     config = small_config("cosmos", **{"data.num_clients": 4})
@@ -179,7 +180,11 @@ def test_isolated_clients_reach_no_other_clients_data_and_the_server_no_training
     walked = tmp_path / "walks"
     walked.mkdir()
 
-    def walk() -> list[str]:
+    # The server keeps the global test split (the experimenter's), of which the clients' test splits
+    # are parts: from the server, a test split counts as held only as itself (or its indices' pick).
+    server_marks = {name: (x, y, None if name.endswith("test") else indices) for name, (x, y, indices) in marks.items()}
+
+    def walk(marks=marks) -> list[str]:
         frames, frame = [], sys._getframe(2)
         while frame is not None:
             frames.extend(frame.f_locals.values())
@@ -195,7 +200,7 @@ def test_isolated_clients_reach_no_other_clients_data_and_the_server_no_training
         return handle(self, stage, message, ctx)
 
     def round_(self, rnd, clients, comm):
-        (walked / f"server-{rnd}.txt").write_text("\n".join(walk()))
+        (walked / f"server-{rnd}.txt").write_text("\n".join(walk(server_marks)))
         return server_round(self, rnd, clients, comm)
 
     monkeypatch.setattr(Client, "handle", client_handle)
@@ -212,8 +217,8 @@ def test_isolated_clients_reach_no_other_clients_data_and_the_server_no_training
             assert set(names) <= {f"client {own} train", f"client {own} test"}, (where, names)
             assert f"client {own} train" in names, where  # the walk does find what is there
         else:
-            assert not [n for n in names if n.endswith("train")], (where, names)
-            assert "client 0 test" in names, where  # kept for the experimenter's measurement
+            assert not [n for n in names if n.startswith("client")], (where, names)
+            assert "global test" in names, where  # the walk does find what is there
     monkeypatch.undo()
     run_experiment(small_config("cosmos", **{"data.num_clients": 4}), tmp_path / "sequential")
     assert (tmp_path / "isolated" / "metrics.jsonl").read_bytes() == (tmp_path / "sequential" / "metrics.jsonl").read_bytes()

@@ -204,7 +204,10 @@ class ClientStates(Protocol):
 class Transport(Protocol):
     """Carries a stage's messages to the clients and their replies back; a client whose stage
     failed is in :attr:`Exchange.failures` (what that means for the run is the run's
-    ``on_client_error``). ``states``: the clients' states, if this runtime can checkpoint them."""
+    ``on_client_error``). ``states``: the clients' states, if this runtime can checkpoint them.
+    A transport may also offer ``score_models(models, rnd) -> {client: accuracy} | None``: each
+    server model scored on its client's test split where the clients' data are (the isolated
+    executor's); without it, or when it returns None, the engine scores them itself."""
 
     states: ClientStates | None
 
@@ -318,12 +321,18 @@ def spread(values: np.ndarray, prefix: str) -> dict[str, float]:
 
 
 def evaluate_extra_models(models: dict[str, dict[int, torch.nn.Module]], data: FederatedData,
-                          rnd: int) -> dict[str, Any]:
-    """Accuracy of each extra model on the test split (this round's view) of each client it serves."""
+                          rnd: int, transport: Transport | None = None) -> dict[str, Any]:
+    """Accuracy of each extra model on the test split (this round's view) of each client it serves;
+    scored where the clients' data are when the transport keeps them apart (``score_models``)."""
     out: dict[str, Any] = {}
+    scorer = getattr(transport, "score_models", None)
     for name, per_client in models.items():
         accs = np.full(data.num_clients, np.nan)
+        scored = scorer(per_client, rnd) if scorer is not None else None
         for client, model in per_client.items():
+            if scored is not None:
+                accs[client] = scored.get(client, np.nan)
+                continue
             test = data.test_at(client, rnd)
             accs[client] = evaluate(model, test.x, test.y)["accuracy"]
         out.update(spread(accs, f"{name}_acc"))
@@ -613,7 +622,7 @@ def evaluate_round(run: RunSpec, server: Server, transport: Transport, rnd: int,
     out: dict[str, Any] = {}
     if not run.stateless_clients:
         out.update(evaluate_clients(run, server, transport, rnd, ledger))
-    out.update(evaluate_extra_models(server.extra_models(), run.data, rnd))
+    out.update(evaluate_extra_models(server.extra_models(), run.data, rnd, transport))
     for name, model in server.test_models().items():
         out[f"{name}_test_acc"] = float(evaluate(model, run.data.global_test.x, run.data.global_test.y)["accuracy"])
     if run.adversarial_clients:

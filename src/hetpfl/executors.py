@@ -22,20 +22,23 @@ stage raised. No algorithm sees which executor ran it.
   deployment's SuperNode does. The processes are forked once per run from the prepared run; each
   empties every other client's splits (and the global test split) in place before it runs any
   client code, and the run's own process, where the server runs, then empties every client's
-  training split, so no frame, closure or ``gc`` walk from a client stage finds another client's
-  data, nor one from the server a client's training data (``tests/test_isolation.py``). The
-  server's process keeps the clients' test splits: the experimenter scores the server's models
-  (``extra_models``) on them there, as a Flower deployment's ServerApp does. Messages and records travel as hetpfl messages in length-limited
-  frames (never pickled: a client process cannot make the server's run code). Up to
-  ``runtime.workers`` clients work at once (0: one per core); the records are the sequential
-  executor's, byte for byte. It costs a process per client (a fork shares the memory the run had
-  prepared; each adds its own working memory), so it suits checks and federations of tens of
-  clients, not thousands. HetVQA's clients share one example store, so it cannot run isolated.
+  splits, so no frame, closure or ``gc`` walk from a client stage finds another client's data, nor
+  one from the server any client's split (``tests/test_isolation.py``). The server's process keeps
+  the global test split (the experimenter's); the server's extra models are scored on a client's
+  test split in that client's process (``score_models``; the model travels there pickled, server to
+  client only). Messages and records travel as hetpfl messages in length-limited frames (never
+  pickled: a client process cannot make the server's process run code). Up to ``runtime.workers``
+  clients work at once (0: one per core); the records are the sequential executor's, byte for byte.
+  A client whose process ends (or answers what cannot be read) is stopped and failed from then on,
+  and its extra models go unscored. It costs a process per client (a fork shares the memory the
+  run had prepared; each adds its own working memory), so it suits checks and federations of tens
+  of clients, not thousands. HetVQA's clients share one example store, so it cannot run isolated.
 """
 
 from __future__ import annotations
 
 import gc
+import io
 import json
 import math
 import multiprocessing
@@ -47,6 +50,7 @@ from typing import Any, Mapping, Protocol
 import torch
 
 from .clienthost import ClientHost, MemoryStore
+from .learn.inference import evaluate
 from .messages import Message
 
 
@@ -242,9 +246,9 @@ class IsolatedExecutor:
             process.start()
             client_end.close()
             self._clients[client] = (process, server_end)
-        # The server's process keeps no client's training data; the test splits stay for the
-        # experimenter's measurement of the server's models on them (as a Flower ServerApp's do).
-        run.data.withhold((), global_test=True, test_splits=True)
+        # The server's process keeps no client's data: the server's models are scored on a client's
+        # test split in that client's process (score_models). The global test split stays.
+        run.data.withhold((), global_test=True)
         gc.collect()
 
     def run(self, host: ClientHost, stage: str, rnd: int, groups: list[list[int]],
@@ -296,6 +300,29 @@ class IsolatedExecutor:
         if record is not None:
             host.store.put(client, record)
         return reply
+
+    def score_models(self, host: ClientHost, models: Mapping[int, Any], rnd: int) -> dict[int, float]:
+        """Each model's accuracy on its client's test split, scored in that client's process (the
+        server's process holds no client's data). A client whose process has ended is not scored."""
+        clients = [c for c in sorted(models) if c in self._clients]
+        scores: dict[int, float] = {}
+
+        def send(client: int) -> None:
+            buffer = io.BytesIO()
+            torch.save(models[client], buffer)
+            _send_frames(self._clients[client][1], {"score": True, "round": rnd}, buffer.getvalue(), b"")
+
+        for client in clients[: self.workers]:
+            send(client)
+        for i, client in enumerate(clients):
+            header, _, _ = _receive_frames(self._clients[client][1], 1 << 20, 1 << 20)
+            if header.get("failure") is not None:
+                kind, text, trace = header["failure"]
+                raise ClientProcessError(f"scoring a server model on client {client}'s test split: {kind}: {text}\n{trace}")
+            scores[client] = float(header["accuracy"])
+            if i + self.workers < len(clients):
+                send(clients[i + self.workers])
+        return scores
 
     def _stop(self, client: int) -> None:
         process, end = self._clients.pop(client)
@@ -353,6 +380,9 @@ def _serve_isolated_client(host: ClientHost, client: int, end: Any, server_end: 
             return  # the server is gone
         if header.get("stop"):
             return
+        if header.get("score"):
+            _send_frames(end, _score_here(host.run, client, int(header["round"]), message), b"", b"")
+            continue
         if record:
             own.store.put(client, Message.from_bytes(record))
         failure, reply_bytes, record_bytes = None, b"", b""
@@ -366,6 +396,18 @@ def _serve_isolated_client(host: ClientHost, client: int, end: Any, server_end: 
         finally:
             own.store._records.pop(client, None)  # the server keeps the record
         _send_frames(end, {"failure": failure}, reply_bytes, record_bytes)
+
+
+def _score_here(run: Any, client: int, rnd: int, model_bytes: bytes) -> dict[str, Any]:
+    """A server model's accuracy on this client's test split (this round's view): the experimenter's
+    measurement, made where the data are. The model comes pickled from the server's process (the
+    server's own object; nothing a client sends is ever unpickled)."""
+    try:
+        model = torch.load(io.BytesIO(model_bytes), weights_only=False)
+        test = run.data.test_at(client, rnd)
+        return {"failure": None, "accuracy": float(evaluate(model, test.x, test.y)["accuracy"])}
+    except Exception as exc:  # noqa: BLE001  (reported to the server)
+        return {"failure": [type(exc).__name__, str(exc), traceback.format_exc()]}
 
 
 class BatchedExecutor(SequentialExecutor):

@@ -48,6 +48,11 @@ class InProcessTransport:
         return Exchange(replies={c: replies[c] for c in sorted(replies) if c not in late}, failures=failures,
                         client_seconds=time.perf_counter() - started, undelivered=dropped)
 
+    def score_models(self, models: Mapping[int, Any], rnd: int) -> dict[int, float] | None:
+        """Where the executor keeps the clients' data apart, it scores the server's models there."""
+        scorer = getattr(self.executor, "score_models", None)
+        return None if scorer is None else scorer(self.host, models, rnd)
+
     def _simulated_faults(self, stage: str, rnd: int, clients: list[int]) -> tuple[set[int], set[int]]:
         """Which clients drop out (never get the message) and which straggle (work, but too late),
         drawn from the seed per (round, stage, client); evaluation is the experimenter's, never dropped."""
