@@ -17,7 +17,9 @@ stage raised. No algorithm sees which executor ran it.
   pickled objects), and the parent keeps every record (checkpoints and resume are unchanged).
   Every random stream is keyed by (seed, client, round, stage), and a worker runs a client's
   stage exactly as the sequential executor does, so the records are the sequential executor's,
-  byte for byte (the contract tests check it for every registered method).
+  byte for byte (the contract tests check it for every registered method). The server's extra
+  models are scored on the clients' test splits over the workers too (``score_models``: each
+  distinct model sent once, pickled from the parent).
 * ``isolated``: every client in a process of its own that holds only that client's data, as a
   deployment's SuperNode does. The processes are forked once per run from the prepared run; each
   empties every other client's splits (and the global test split) in place before it runs any
@@ -155,6 +157,16 @@ def _run_client(task: tuple[int, str, int, bytes, bytes | None]) -> tuple[int, b
         store._records.pop(client, None)  # the parent keeps the record
 
 
+def _model_bytes(model: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()
+
+
+def _score_in_worker(model_bytes: bytes, clients: list[int], rnd: int) -> list[dict[str, Any]]:
+    return [_score_here(_WORKER_HOST.run, client, rnd, model_bytes) for client in clients]
+
+
 def worker_count(workers: int = 0) -> int:
     """The processes executor's workers: ``workers``, or one per CPU core for 0 (``runtime.workers``)."""
     return workers or (os.cpu_count() or 1)
@@ -210,6 +222,24 @@ class ProcessExecutor:
                 host.store.put(client, Message.from_bytes(record))
             outcomes[client] = Message.from_bytes(reply)
         return outcomes
+
+    def score_models(self, host: ClientHost, models: Mapping[int, Any], rnd: int) -> dict[int, float] | None:
+        """Each model's accuracy on its client's test split, over the workers: one task per distinct
+        model (a cluster's model serves many clients), sent once, scored on each of its clients."""
+        by_model: dict[int, list[int]] = {}
+        for client in sorted(models):
+            by_model.setdefault(id(models[client]), []).append(client)
+        if len(by_model) < 2:  # nothing to share out: score here
+            return None
+        tasks = [(_model_bytes(models[clients[0]]), clients, rnd) for clients in by_model.values()]
+        scores: dict[int, float] = {}
+        for clients, results in zip(by_model.values(), self._pool_for(host).starmap(_score_in_worker, tasks)):
+            for client, result in zip(clients, results):
+                if result["failure"] is not None:
+                    kind, text, trace = result["failure"]
+                    raise ClientProcessError(f"scoring a server model on client {client}'s test split: {kind}: {text}\n{trace}")
+                scores[client] = result["accuracy"]
+        return scores
 
     def close(self) -> None:
         if self._pool is not None:
@@ -308,9 +338,7 @@ class IsolatedExecutor:
         scores: dict[int, float] = {}
 
         def send(client: int) -> None:
-            buffer = io.BytesIO()
-            torch.save(models[client], buffer)
-            _send_frames(self._clients[client][1], {"score": True, "round": rnd}, buffer.getvalue(), b"")
+            _send_frames(self._clients[client][1], {"score": True, "round": rnd}, _model_bytes(models[client]), b"")
 
         for client in clients[: self.workers]:
             send(client)
