@@ -20,7 +20,7 @@ LAYERS = {
     "runtimes": 7,
     "config": 8,
     "prepare": 9,
-    "experiment": 10, "runfolder": 10,
+    "experiment": 10, "runfolder": 10, "flwr_run": 10,
     "cli": 11, "report": 11, "flower_app": 11,
 }
 
