@@ -58,10 +58,12 @@ def collect(root: Path, seeds: set[int] | None = None) -> dict[tuple[str, str, s
     return table
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], seeds: int = 0) -> str:
+    """Mean ± std; a cell with fewer than the table's ``seeds`` says how many it has."""
     if not values:
         return "—"
-    return f"{np.mean(values):.2f}" + (f" ± {np.std(values):.2f}" if len(values) > 1 else "")
+    text = f"{np.mean(values):.2f}" + (f" ± {np.std(values):.2f}" if len(values) > 1 else "")
+    return text + (f" (n={len(values)})" if len(values) < seeds else "")
 
 
 def gap(table, dataset: str, size: int, baselines: tuple[str, ...], cosmos: str = "cosmos") -> str:
@@ -78,12 +80,13 @@ def gap(table, dataset: str, size: int, baselines: tuple[str, ...], cosmos: str 
 def markdown(table, dataset: str, rows: dict[str, tuple[str, str]], title: str) -> str:
     sizes = sorted({s for (d, _, _), by in table.items() if d == dataset for s in by})
     seeds = max((len(v) for (d, _, _), by in table.items() if d == dataset for v in by.values()), default=0)
-    lines = [f"{DATASETS.get(dataset, dataset)}, {title} (mean client accuracy %, {seeds} seed(s) at most)", "",
+    lines = [f"{DATASETS.get(dataset, dataset)}, {title} (mean client accuracy %, mean ± std over {seeds} seed(s); "
+             "(n=k): a cell with only k seeds so far)", "",
              "| method | " + " | ".join(f"public {s:,}" for s in sizes) + " |",
              "|---|" + "---:|" * len(sizes)]
     for label, key in rows.items():
         by_size = table.get((dataset, *key), {})
-        lines.append(f"| {label} | " + " | ".join(cell(by_size.get(s, [])) for s in sizes) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(by_size.get(s, []), seeds) for s in sizes) + " |")
     if "COSMOS (server measure)" in rows:
         for label, baselines, cosmos in (
                 ("COSMOS (server) − best of the paper's baselines (COMET, FedMD as its code, FedCT)",
