@@ -3,6 +3,7 @@ clustering found, both measures reported, and the server's behaviour round to ro
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 
 from hetpfl.algorithms import get_algorithm
 from hetpfl.algorithms.base import ServerSetup
+from hetpfl.algorithms import cosmos as cosmos_module
 from hetpfl.algorithms.cosmos import CosmosConfig, CosmosServer, collapsed
 from hetpfl.algorithms.pseudo_label_client import PseudoLabelClientConfig, sample_weights
 from hetpfl.configuration import ConfigError
@@ -180,6 +182,16 @@ class ScriptedComm:
         self.sent.append(messages)
         return {c: Message({"probs": self.probs_by_round[self.rnd][c]}) for c in sorted(messages)}
 
+    def map(self, work, tasks):
+        return [work(*task) for task in tasks]
+
+
+class CopyingComm(ScriptedComm):
+    """Runs ``Comm.map``'s work on copies, as the processes executor's workers do."""
+
+    def map(self, work, tasks):
+        return [work(*copy.deepcopy(task)) for task in tasks]
+
 
 def _setup(num_clients, n_public=64, dim=6, seed=0):
     x = np.random.default_rng(seed).normal(size=(n_public, dim)).astype(np.float32)
@@ -224,6 +236,41 @@ def test_server_clusters_once_keeps_models_and_feeds_back_cluster_predictions(se
     assert not np.array_equal(down[0].arrays["targets"], down[3].arrays["targets"])
     extra_models = server.extra_models()["server"]
     assert extra_models[1] is server.models[0] and extra_models[4] is server.models[1]
+
+
+def test_server_models_get_their_in_turn_keys_when_a_retry_comes_first(monkeypatch):
+    """The clusters' first attempts run at once (``Comm.map``), but a model keeps the registry key it
+    gets when the clusters are trained in turn: cluster 0's retry takes key 1, so cluster 1's model
+    is built again with key 2; the models are the same whether the work ran on copies or not."""
+    setup = _setup(6)
+    build = setup.build_model
+
+    def tagged(arch, key):
+        model = build(arch, key)
+        model.key = key
+        return model
+
+    setup.build_model = tagged
+
+    def first_round(comm, verdicts):
+        verdicts = iter(verdicts)
+        monkeypatch.setattr(cosmos_module, "collapsed", lambda q, target: next(verdicts))
+        server = CosmosServer(CosmosConfig(server_arch="mlp", server_epochs=1), setup)
+        measures = server.round(0, list(range(6)), comm)
+        return server.models, measures["collapse_retries"]
+
+    in_turn, retries = first_round(ScriptedComm([_two_groups()]), [True, False, False])  # cluster 0's first collapses
+    on_copies, _ = first_round(CopyingComm([_two_groups()]), [True, False, False])
+    assert retries == 1
+    for models in (in_turn, on_copies):
+        assert {k: m.key for k, m in models.items()} == {0: "cosmos-server-1", 1: "cosmos-server-2"}
+    for k in (0, 1):
+        for name, tensor in in_turn[k].state_dict().items():
+            assert torch.equal(tensor, on_copies[k].state_dict()[name])
+    no_retry, _ = first_round(ScriptedComm([_two_groups()]), [False, False])
+    assert no_retry[1].key == "cosmos-server-1"  # no retry: the planned keys hold
+    # the retried run's cluster 1 started from key 2, not from key 1's model
+    assert not torch.equal(no_retry[1].state_dict()["body.1.weight"], in_turn[1].state_dict()["body.1.weight"])
 
 
 def test_server_reclusters_every_round_when_asked():

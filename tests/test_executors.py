@@ -12,6 +12,7 @@ import os
 import pytest
 
 from conftest import small_config
+from hetpfl.algorithms.cosmos import distill_cluster as _distill_cluster
 from hetpfl.algorithms.fedmd import FedMDClient
 from hetpfl.configuration import ConfigError
 from hetpfl.executors import ClientProcessError
@@ -129,3 +130,21 @@ def test_a_reply_over_the_cap_is_recorded_by_the_isolated_executor_as_by_the_seq
                        tmp_path / executor)
     rows = _rows(tmp_path / "isolated")
     assert rows == _rows(tmp_path / "sequential") and "over runtime.max_reply_mb" in rows[0]["failures"]["0"]
+
+
+def _distill_cluster_noting_the_process(*task):
+    with open(os.environ["PIDS_FILE"], "a") as log:
+        log.write(f"{os.getpid()}\n")
+    return _distill_cluster(*task)
+
+
+def test_the_servers_mapped_work_runs_on_the_workers_and_gives_the_sequential_records(tmp_path, monkeypatch):
+    from hetpfl.algorithms import cosmos
+
+    monkeypatch.setenv("PIDS_FILE", str(tmp_path / "pids"))
+    monkeypatch.setattr(cosmos, "distill_cluster", _distill_cluster_noting_the_process)  # sent to workers by name
+    for executor in ("sequential", "processes"):
+        run_experiment(small_config("cosmos", rounds=2, **{"runtime.executor": executor}), tmp_path / executor)
+    assert _rows(tmp_path / "processes") == _rows(tmp_path / "sequential")
+    pids = (tmp_path / "pids").read_text().split()
+    assert pids.count(str(os.getpid())) < len(pids)  # the processes run's cluster models were trained elsewhere

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -207,7 +207,9 @@ class Transport(Protocol):
     ``on_client_error``). ``states``: the clients' states, if this runtime can checkpoint them.
     A transport may also offer ``score_models(models, rnd) -> {client: accuracy} | None``: each
     server model scored on its client's test split where the clients' data are (the isolated
-    executor's); without it, or when it returns None, the engine scores them itself."""
+    executor's); without it, or when it returns None, the engine scores them itself. And
+    ``map_work(work, tasks) -> results | None``: the server's independent work run over workers
+    (``Comm.map``); None: the server runs it in turn."""
 
     states: ClientStates | None
 
@@ -291,6 +293,13 @@ class RoundComm:
                                     "(runtime.on_client_error=record records it and goes on)")
             self.ledger.fail(client, f"{stage}: {error}")
         return replies
+
+    def map(self, work: Callable[..., Any], tasks: Sequence[tuple]) -> list[Any]:
+        """The server's independent pieces of work (``Comm.map``): over the executor's workers where
+        the transport offers ``map_work``, else here in turn."""
+        sharer = getattr(self.transport, "map_work", None)
+        results = None if sharer is None else sharer(work, list(tasks))
+        return [work(*task) for task in tasks] if results is None else results
 
     def _count(self, stage: str, client: int, size: int, down: bool) -> None:
         self.ledger.stage_bytes.setdefault(stage, [0, 0])[1 if down else 0] += size

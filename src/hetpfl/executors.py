@@ -19,7 +19,9 @@ stage raised. No algorithm sees which executor ran it.
   stage exactly as the sequential executor does, so the records are the sequential executor's,
   byte for byte (the contract tests check it for every registered method). The server's extra
   models are scored on the clients' test splits over the workers too (``score_models``: each
-  distinct model sent once, pickled from the parent).
+  distinct model sent once, pickled from the parent), and the server's independent pieces of work
+  (``Comm.map``, e.g. COSMOS's per-cluster models) run there, pickled both ways between the parent
+  and its own workers.
 * ``isolated``: every client in a process of its own that holds only that client's data, as a
   deployment's SuperNode does. The processes are forked once per run from the prepared run; each
   empties every other client's splits (and the global test split) in place before it runs any
@@ -167,6 +169,17 @@ def _score_in_worker(model_bytes: bytes, clients: list[int], rnd: int) -> list[d
     return [_score_here(_WORKER_HOST.run, client, rnd, model_bytes) for client in clients]
 
 
+def _load(payload: bytes) -> Any:
+    # only ever bytes this process or its own forked worker just wrote (not a file, not a peer's)
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
+def _work_in_worker(payload: bytes) -> bytes:
+    """A piece of the server's work (``Comm.map``) in a worker; modules and tensors travel as bytes."""
+    work, task = _load(payload)
+    return _model_bytes(work(*task))
+
+
 def worker_count(workers: int = 0) -> int:
     """The processes executor's workers: ``workers``, or one per CPU core for 0 (``runtime.workers``)."""
     return workers or (os.cpu_count() or 1)
@@ -240,6 +253,14 @@ class ProcessExecutor:
                     raise ClientProcessError(f"scoring a server model on client {client}'s test split: {kind}: {text}\n{trace}")
                 scores[client] = result["accuracy"]
         return scores
+
+    def map_work(self, host: ClientHost, work: Any, tasks: list[tuple]) -> list[Any] | None:
+        """The server's independent work (``Comm.map``) over the workers, results in task order;
+        an error in one is raised here, as if the server had run it."""
+        if len(tasks) < 2:  # nothing to share out: the server runs it
+            return None
+        payloads = [_model_bytes((work, task)) for task in tasks]
+        return [_load(result) for result in self._pool_for(host).map(_work_in_worker, payloads, chunksize=1)]
 
     def close(self) -> None:
         if self._pool is not None:

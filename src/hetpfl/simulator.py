@@ -53,6 +53,11 @@ class InProcessTransport:
         scorer = getattr(self.executor, "score_models", None)
         return None if scorer is None else scorer(self.host, models, rnd)
 
+    def map_work(self, work: Callable[..., Any], tasks: list[tuple]) -> list[Any] | None:
+        """The server's independent work over the executor's workers, where it has them."""
+        sharer = getattr(self.executor, "map_work", None)
+        return None if sharer is None else sharer(self.host, work, tasks)
+
     def _simulated_faults(self, stage: str, rnd: int, clients: list[int]) -> tuple[set[int], set[int]]:
         """Which clients drop out (never get the message) and which straggle (work, but too late),
         drawn from the seed per (round, stage, client); evaluation is the experimenter's, never dropped."""

@@ -28,7 +28,7 @@ from ..data import ArrayDataset
 from ..learn import AUGMENTATIONS, OptimOptions, evaluate
 from ..messages import ArrayField, Message, Schema, StageSchema
 from ..models import ModuleSpec
-from ..rng import numpy_rng, torch_generator
+from ..rng import derive_seed, numpy_rng, torch_generator
 from ..state import ClientState
 from .robust import AggregationOptions
 
@@ -171,6 +171,10 @@ class ServerSetup:
     def generator(self, *keys: str | int) -> torch.Generator:
         return torch_generator(self.seed, "server", *keys)
 
+    def stream_seed(self, *keys: str | int) -> int:
+        """The seed of :meth:`generator`'s stream, for work handed out by :meth:`Comm.map`."""
+        return derive_seed(self.seed, "server", *keys)
+
     def rebuild(self, spec: ModuleSpec) -> nn.Module:
         """An empty module of ``spec`` to load saved weights into (restoring a server)."""
         return self.build_model(spec.arch, "restore", **spec.kwargs)
@@ -181,6 +185,12 @@ class Comm(Protocol):
     failed is missing from the replies (the runtime records why)."""
 
     def ask(self, stage: str, messages: Mapping[int, Message]) -> dict[int, Message]: ...
+
+    def map(self, work: Callable[..., Any], tasks: Sequence[tuple]) -> list[Any]:
+        """``[work(*task) for task in tasks]``, in order; the processes executor shares the tasks out
+        over its workers (``work`` a module-level function; tasks and results travel pickled, so a
+        module given is trained on a copy: use the returned one)."""
+        ...
 
 
 class Server:

@@ -35,7 +35,6 @@ from torch import nn
 
 from ..configuration import option, require
 from ..learn import OptimOptions, distill, predict_proba
-from ..rng import derive_seed
 from .base import AlgorithmSpec, Comm, Server, ServerSetup
 from .clustering import (
     DISTANCES,
@@ -141,7 +140,7 @@ class CosmosServer(Server):
                 self.assign_newcomers(probs)
         measures.update(self.clustering_measures)
         with self.setup.clock.phase("server_models"):
-            measures.update(self.train_server_models(rnd, probs))
+            measures.update(self.train_server_models(rnd, probs, comm))
         measures["num_clusters"] = float(len(np.unique(self.assignment[self.assignment >= 0])))
         return measures
 
@@ -182,49 +181,53 @@ class CosmosServer(Server):
                 self.assignment[c] = min(gaps, key=gaps.get)
 
     # -- server models --------------------------------------------------------------------------
-    def train_server_models(self, rnd: int, probs: dict[int, np.ndarray]) -> dict[str, float]:
-        public = self.setup.public_inputs
-        losses, retries = [], 0
-        for k in sorted({int(self.assignment[c]) for c in probs}):
+    def train_server_models(self, rnd: int, probs: dict[int, np.ndarray], comm: Comm) -> dict[str, float]:
+        order = sorted({int(self.assignment[c]) for c in probs})
+        targets = {}
+        for k in order:
             members = [c for c in sorted(probs) if self.assignment[c] == k]
-            target = aggregate_probabilities([probs[c] for c in members], self.config.aggregation, self.setup.aggregation)
-            self.aggregates[k] = target
+            targets[k] = aggregate_probabilities([probs[c] for c in members], self.config.aggregation, self.setup.aggregation)
+            self.aggregates[k] = targets[k]
+        # every cluster's first attempt at once (over the workers where the runtime has them); a model
+        # new this round gets the registry key it would get in turn, and is trained again below in
+        # the rare case an earlier cluster's retry took that key
+        planned, key = {}, self._model_keys
+        for k in order:
             if k not in self.models:
-                self.models[k] = self._new_model()
+                planned[k], key = key, key + 1
+        first = dict(zip(order, comm.map(distill_cluster, [
+            self._task(self.models[k] if k in self.models else self._new_model(planned[k]), targets[k], rnd, k, 0)
+            for k in order])))
+        losses, retries = [], 0
+        for k in order:
             for attempt in range(self.config.collapse_retries + 1):
-                loss = self._distill(self.models[k], target, rnd, k, attempt)
-                q = predict_proba(self.models[k], public)
-                retry = self.config.collapse_guard and collapsed(q, target)
+                if attempt == 0 and planned.get(k, self._model_keys) == self._model_keys:
+                    model, loss, q = first[k]
+                else:
+                    model, loss, q = distill_cluster(*self._task(self._new_model(self._model_keys), targets[k], rnd, k, attempt))
+                if k in planned or attempt > 0:
+                    self._model_keys += 1
+                self.models[k] = model
+                retry = self.config.collapse_guard and collapsed(q, targets[k])
                 if not retry or attempt == self.config.collapse_retries:
                     break
-                self.models[k] = self._new_model()
                 retries += 1
             losses.append(loss)
             self.feedback[k] = q
         return {"server_distill_loss": float(np.mean(losses)), "collapse_retries": float(retries)}
 
-    def _new_model(self) -> nn.Module:
-        model = self.setup.build_model(self.config.server_arch, f"cosmos-server-{self._model_keys}")
-        self._model_keys += 1
-        return model
+    def _new_model(self, key: int) -> nn.Module:
+        return self.setup.build_model(self.config.server_arch, f"cosmos-server-{key}")
 
-    def _distill(self, model: nn.Module, target: np.ndarray, rnd: int, k: int, attempt: int) -> float:
+    def _task(self, model: nn.Module, target: np.ndarray, rnd: int, k: int, attempt: int) -> tuple:
         c = self.config
-        torch.manual_seed(derive_seed(self.setup.seed, "server", "torch", rnd, k, attempt))  # dropout
-        result = distill(
-            model,
-            self.setup.public_inputs,
-            target,
-            epochs=c.server_epochs,
-            batch_size=c.server_batch_size,
+        options = ServerDistill(
+            epochs=c.server_epochs, batch_size=c.server_batch_size,
             optim=OptimOptions(lr=c.server_lr, optimizer="adam", max_grad_norm=c.server_max_grad_norm),
-            generator=self.setup.generator("distill", rnd, k, attempt),
-            temperature=c.server_T,
-            consistency_weight=c.server_lambda,
-            noise_std=c.noise_std,
-            shuffle=c.server_shuffle,
-        )
-        return float(result["loss"])
+            temperature=c.server_T, consistency_weight=c.server_lambda, noise_std=c.noise_std, shuffle=c.server_shuffle,
+            dropout_seed=self.setup.stream_seed("torch", rnd, k, attempt),
+            stream_seed=self.setup.stream_seed("distill", rnd, k, attempt))
+        return model, self.setup.public_inputs, target, options
 
     # -- what the engine reads ------------------------------------------------------------------
     def extra_models(self) -> dict[str, dict[int, nn.Module]]:
@@ -232,6 +235,35 @@ class CosmosServer(Server):
 
     def cluster_assignment(self) -> np.ndarray:
         return self.assignment.copy()
+
+
+@dataclass(frozen=True)
+class ServerDistill:
+    """How a cluster's server model is distilled (the config's ``server_*`` options, one round's seeds)."""
+
+    epochs: float
+    batch_size: int
+    optim: OptimOptions
+    temperature: float
+    consistency_weight: float
+    noise_std: float
+    shuffle: bool
+    dropout_seed: int
+    stream_seed: int
+
+
+def distill_cluster(model: nn.Module, public: np.ndarray, target: np.ndarray,
+                    options: ServerDistill) -> tuple[nn.Module, float, np.ndarray]:
+    """One attempt at a cluster's server model: distill ``target`` into ``model`` on U, then its
+    predictions q on U. Module-level so ``Comm.map`` can hand it to a worker."""
+    torch.manual_seed(options.dropout_seed)  # dropout
+    stream = torch.Generator()
+    stream.manual_seed(options.stream_seed)
+    result = distill(model, public, target, epochs=options.epochs, batch_size=options.batch_size,
+                     optim=options.optim, generator=stream, temperature=options.temperature,
+                     consistency_weight=options.consistency_weight, noise_std=options.noise_std,
+                     shuffle=options.shuffle)
+    return model, float(result["loss"]), predict_proba(model, public)
 
 
 def check_run(config: CosmosConfig, run) -> None:
