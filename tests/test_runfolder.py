@@ -10,7 +10,7 @@ import pytest
 from hetpfl.cli import main
 from hetpfl.configuration import ConfigError
 from hetpfl.experiment import load_config, run_experiment
-from hetpfl.report import find_runs
+from hetpfl.report import find_runs, report
 from hetpfl.runfolder import ResultsFolderError, read_status
 
 TINY = ["data.num_clients=3", "rounds=3", "algorithm.pretrain_epochs=1", "algorithm.distill_epochs=1",
@@ -77,6 +77,17 @@ def test_report_leaves_out_a_folder_whose_files_were_replaced(tmp_path):
     skipped = []
     assert find_runs([tmp_path], skipped) == [good]
     assert skipped == [(altered, "metrics.jsonl is not the file its run wrote (changed or replaced afterwards)")]
+
+
+def test_report_tables_kept_records_that_hold_only_a_summary_and_a_config(tmp_path):
+    """benchmarks/keep_records.sh keeps summary.json and config.yaml; report tables them (no curve)."""
+    run, record = tmp_path / "runs" / "one", tmp_path / "records" / "one"
+    run_experiment(tiny(), run)
+    record.mkdir(parents=True)
+    for name in ("summary.json", "config.yaml"):
+        (record / name).write_bytes((run / name).read_bytes())
+    table = report([tmp_path / "records"], tmp_path / "out")
+    assert report([tmp_path / "runs"]) == table and (tmp_path / "out" / "comparison.png").exists()
 
 
 def test_cli_resumes_a_crashed_run_to_the_uninterrupted_records(tmp_path, capsys):

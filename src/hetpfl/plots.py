@@ -88,10 +88,12 @@ def plot_clients_over_tasks(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 def plot_comparison(groups: dict[str, Sequence[str | Path]], out_path: str | Path) -> Path:
-    """Mean (± std band over seeds) of the clients' own accuracy per round, one line a group."""
+    """Mean (± std band over seeds) of the clients' own accuracy per round, one line a group (a
+    kept record, summary and config alone, has no rounds to draw and is left out of the plot)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, run_dirs in groups.items():
-        curves = [accuracy_series(read_metrics(d)).get("personalized") for d in run_dirs]
+        curves = [accuracy_series(read_metrics(d)).get("personalized") for d in run_dirs
+                  if (Path(d) / "metrics.jsonl").exists()]
         curves = [c for c in curves if c]
         if not curves:
             continue
