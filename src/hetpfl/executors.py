@@ -159,25 +159,26 @@ def _run_client(task: tuple[int, str, int, bytes, bytes | None]) -> tuple[int, b
         store._records.pop(client, None)  # the parent keeps the record
 
 
-def _model_bytes(model: Any) -> bytes:
+def _to_bytes(value: Any) -> bytes:
+    """A module, tensors or a task, pickled for the run's own processes (server to worker or back)."""
     buffer = io.BytesIO()
-    torch.save(model, buffer)
+    torch.save(value, buffer)
     return buffer.getvalue()
+
+
+def _from_bytes(payload: bytes) -> Any:
+    # only bytes the run's own processes wrote for each other: never a file, never a client's reply
+    return torch.load(io.BytesIO(payload), weights_only=False)
 
 
 def _score_in_worker(model_bytes: bytes, clients: list[int], rnd: int) -> list[dict[str, Any]]:
     return [_score_here(_WORKER_HOST.run, client, rnd, model_bytes) for client in clients]
 
 
-def _load(payload: bytes) -> Any:
-    # only ever bytes this process or its own forked worker just wrote (not a file, not a peer's)
-    return torch.load(io.BytesIO(payload), weights_only=False)
-
-
 def _work_in_worker(payload: bytes) -> bytes:
     """A piece of the server's work (``Comm.map``) in a worker; modules and tensors travel as bytes."""
-    work, task = _load(payload)
-    return _model_bytes(work(*task))
+    work, task = _from_bytes(payload)
+    return _to_bytes(work(*task))
 
 
 def worker_count(workers: int = 0) -> int:
@@ -244,7 +245,7 @@ class ProcessExecutor:
             by_model.setdefault(id(models[client]), []).append(client)
         if len(by_model) < 2:  # nothing to share out: score here
             return None
-        tasks = [(_model_bytes(models[clients[0]]), clients, rnd) for clients in by_model.values()]
+        tasks = [(_to_bytes(models[clients[0]]), clients, rnd) for clients in by_model.values()]
         scores: dict[int, float] = {}
         for clients, results in zip(by_model.values(), self._pool_for(host).starmap(_score_in_worker, tasks)):
             for client, result in zip(clients, results):
@@ -259,8 +260,8 @@ class ProcessExecutor:
         an error in one is raised here, as if the server had run it."""
         if len(tasks) < 2:  # nothing to share out: the server runs it
             return None
-        payloads = [_model_bytes((work, task)) for task in tasks]
-        return [_load(result) for result in self._pool_for(host).map(_work_in_worker, payloads, chunksize=1)]
+        payloads = [_to_bytes((work, task)) for task in tasks]
+        return [_from_bytes(result) for result in self._pool_for(host).map(_work_in_worker, payloads, chunksize=1)]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -359,7 +360,7 @@ class IsolatedExecutor:
         scores: dict[int, float] = {}
 
         def send(client: int) -> None:
-            _send_frames(self._clients[client][1], {"score": True, "round": rnd}, _model_bytes(models[client]), b"")
+            _send_frames(self._clients[client][1], {"score": True, "round": rnd}, _to_bytes(models[client]), b"")
 
         for client in clients[: self.workers]:
             send(client)
@@ -452,7 +453,7 @@ def _score_here(run: Any, client: int, rnd: int, model_bytes: bytes) -> dict[str
     measurement, made where the data are. The model comes pickled from the server's process (the
     server's own object; nothing a client sends is ever unpickled)."""
     try:
-        model = torch.load(io.BytesIO(model_bytes), weights_only=False)
+        model = _from_bytes(model_bytes)
         test = run.data.test_at(client, rnd)
         return {"failure": None, "accuracy": float(evaluate(model, test.x, test.y)["accuracy"])}
     except Exception as exc:  # noqa: BLE001  (reported to the server)

@@ -201,12 +201,12 @@ class CosmosServer(Server):
         losses, retries = [], 0
         for k in order:
             for attempt in range(self.config.collapse_retries + 1):
-                if attempt == 0 and planned.get(k, self._model_keys) == self._model_keys:
+                fresh = k in planned or attempt > 0  # this attempt's model is new: it takes the next key
+                if attempt == 0 and (not fresh or planned[k] == self._model_keys):
                     model, loss, q = first[k]
                 else:
                     model, loss, q = distill_cluster(*self._task(self._new_model(self._model_keys), targets[k], rnd, k, attempt))
-                if k in planned or attempt > 0:
-                    self._model_keys += 1
+                self._model_keys += fresh
                 self.models[k] = model
                 retry = self.config.collapse_guard and collapsed(q, targets[k])
                 if not retry or attempt == self.config.collapse_retries:
