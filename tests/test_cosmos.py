@@ -174,8 +174,10 @@ def test_client_weights():
 class ScriptedComm:
     """Replies with given predictions and records what went down."""
 
+    workers = 1  # Comm.map runs in turn
+
     def __init__(self, probs_by_round):
-        self.probs_by_round, self.sent, self.rnd = probs_by_round, [], 0
+        self.probs_by_round, self.sent, self.rnd, self.mapped = probs_by_round, [], 0, []
 
     def ask(self, stage, messages):
         assert stage == "round"
@@ -183,13 +185,17 @@ class ScriptedComm:
         return {c: Message({"probs": self.probs_by_round[self.rnd][c]}) for c in sorted(messages)}
 
     def map(self, work, tasks):
+        self.mapped.append(len(tasks))
         return [work(*task) for task in tasks]
 
 
 class CopyingComm(ScriptedComm):
-    """Runs ``Comm.map``'s work on copies, as the processes executor's workers do."""
+    """Runs ``Comm.map``'s work on copies, two at a time, as the processes executor's workers do."""
+
+    workers = 2
 
     def map(self, work, tasks):
+        self.mapped.append(len(tasks))
         return [work(*copy.deepcopy(task)) for task in tasks]
 
 
@@ -239,10 +245,9 @@ def test_server_clusters_once_keeps_models_and_feeds_back_cluster_predictions(se
     assert extra_models[1] is server.models[0] and extra_models[4] is server.models[1]
 
 
-def test_server_models_get_their_in_turn_keys_when_a_retry_comes_first(monkeypatch):
-    """The clusters' first attempts run at once (``Comm.map``), but a model keeps the registry key it
-    gets when the clusters are trained in turn: cluster 0's retry takes key 1, so cluster 1's model
-    is built again with key 2; the models are the same whether the work ran on copies or not."""
+def _first_round(monkeypatch, comm, verdicts):
+    """Round 0 of a server whose collapse verdicts are scripted (in the order the walk asks for them);
+    its models are tagged with their registry keys."""
     setup = _setup(6)
     build = setup.build_model
 
@@ -252,26 +257,50 @@ def test_server_models_get_their_in_turn_keys_when_a_retry_comes_first(monkeypat
         return model
 
     setup.build_model = tagged
+    verdicts = iter(verdicts)
+    monkeypatch.setattr(cosmos_module, "collapsed", lambda q, target: next(verdicts))
+    server = CosmosServer(CosmosConfig(server_arch="mlp", server_epochs=1), setup)
+    measures = server.round(0, list(range(6)), comm)
+    return server.models, measures["collapse_retries"]
 
-    def first_round(comm, verdicts):
-        verdicts = iter(verdicts)
-        monkeypatch.setattr(cosmos_module, "collapsed", lambda q, target: next(verdicts))
-        server = CosmosServer(CosmosConfig(server_arch="mlp", server_epochs=1), setup)
-        measures = server.round(0, list(range(6)), comm)
-        return server.models, measures["collapse_retries"]
 
-    in_turn, retries = first_round(ScriptedComm([_two_groups()]), [True, False, False])  # cluster 0's first collapses
-    on_copies, _ = first_round(CopyingComm([_two_groups()]), [True, False, False])
+def _same_models(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].key == b[k].key
+        for name, tensor in a[k].state_dict().items():
+            assert torch.equal(tensor, b[k].state_dict()[name])
+
+
+def test_server_models_get_their_in_turn_keys_when_a_retry_comes_first(monkeypatch):
+    """Where two tasks run at once, cluster 1's first attempt is trained beside cluster 0's with the
+    next key, but a model keeps the key it gets when the clusters are trained in turn: cluster 0's
+    retry takes key 1, so cluster 1's model is built again with key 2; the models are the same
+    whether the work ran in turn or on copies, two at a time."""
+    in_turn, retries = _first_round(monkeypatch, ScriptedComm([_two_groups()]), [True, False, False])
+    on_copies, _ = _first_round(monkeypatch, CopyingComm([_two_groups()]), [True, False, False])
     assert retries == 1
-    for models in (in_turn, on_copies):
-        assert {k: m.key for k, m in models.items()} == {0: "cosmos-server-1", 1: "cosmos-server-2"}
-    for k in (0, 1):
-        for name, tensor in in_turn[k].state_dict().items():
-            assert torch.equal(tensor, on_copies[k].state_dict()[name])
-    no_retry, _ = first_round(ScriptedComm([_two_groups()]), [False, False])
+    assert {k: m.key for k, m in in_turn.items()} == {0: "cosmos-server-1", 1: "cosmos-server-2"}
+    _same_models(in_turn, on_copies)
+    no_retry, _ = _first_round(monkeypatch, ScriptedComm([_two_groups()]), [False, False])
     assert no_retry[1].key == "cosmos-server-1"  # no retry: the planned keys hold
     # the retried run's cluster 1 started from key 2, not from key 1's model
     assert not torch.equal(no_retry[1].state_dict()["body.1.weight"], in_turn[1].state_dict()["body.1.weight"])
+
+
+def test_a_collapsing_clusters_retries_are_trained_two_at_a_time_with_the_in_turn_results(monkeypatch):
+    """Cluster 1 collapses three times: in turn that is five tasks one by one (and nothing trained
+    that the walk does not use); two at a time the walk guesses the next retry and needs three
+    round trips, with the same models and keys."""
+    verdicts = [False, True, True, True, False]
+    in_turn_comm, paired_comm = ScriptedComm([_two_groups()]), CopyingComm([_two_groups()])
+    in_turn, retries = _first_round(monkeypatch, in_turn_comm, verdicts)
+    paired, paired_retries = _first_round(monkeypatch, paired_comm, verdicts)
+    assert retries == paired_retries == 3
+    assert in_turn_comm.mapped == [1, 1, 1, 1, 1]
+    assert paired_comm.mapped == [2, 2, 2]  # (0,0)+(1,0), (1,1)+(1,2), (1,3)+(1,4, unused)
+    assert {k: m.key for k, m in in_turn.items()} == {0: "cosmos-server-0", 1: "cosmos-server-4"}
+    _same_models(in_turn, paired)
 
 
 def test_server_reclusters_every_round_when_asked():

@@ -209,7 +209,8 @@ class Transport(Protocol):
     server model scored on its client's test split where the clients' data are (the isolated
     executor's); without it, or when it returns None, the engine scores them itself. And
     ``map_work(work, tasks) -> results | None``: the server's independent work run over workers
-    (``Comm.map``); None: the server runs it in turn."""
+    (``Comm.map``); None: the server runs it in turn; ``map_workers``: how many such tasks run at
+    once (absent: 1)."""
 
     states: ClientStates | None
 
@@ -300,6 +301,11 @@ class RoundComm:
         sharer = getattr(self.transport, "map_work", None)
         results = None if sharer is None else sharer(work, list(tasks))
         return [work(*task) for task in tasks] if results is None else results
+
+    @property
+    def workers(self) -> int:
+        """How many of :meth:`map`'s tasks run at once: the transport's ``map_workers``, else 1."""
+        return int(getattr(self.transport, "map_workers", 1))
 
     def _count(self, stage: str, client: int, size: int, down: bool) -> None:
         self.ledger.stage_bytes.setdefault(stage, [0, 0])[1 if down else 0] += size

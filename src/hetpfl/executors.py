@@ -19,9 +19,10 @@ stage raised. No algorithm sees which executor ran it.
   stage exactly as the sequential executor does, so the records are the sequential executor's,
   byte for byte (the contract tests check it for every registered method). The server's extra
   models are scored on the clients' test splits over the workers too (``score_models``: each
-  distinct model sent once, pickled from the parent), and the server's independent pieces of work
-  (``Comm.map``, e.g. COSMOS's per-cluster models) run there, pickled both ways between the parent
-  and its own workers.
+  distinct model pickled once in the parent, its clients scored in pieces), and the server's
+  independent pieces of work (``Comm.map``, e.g. COSMOS's per-cluster models) run there, pickled
+  both ways between the parent and its own workers (once the workers are up, a single piece too:
+  they are warm, the parent may not be); ``map_workers`` tells a server how many run at once.
 * ``isolated``: every client in a process of its own that holds only that client's data, as a
   deployment's SuperNode does. The processes are forked once per run from the prepared run; each
   empties every other client's splits (and the global test split) in place before it runs any
@@ -238,16 +239,23 @@ class ProcessExecutor:
         return outcomes
 
     def score_models(self, host: ClientHost, models: Mapping[int, Any], rnd: int) -> dict[int, float] | None:
-        """Each model's accuracy on its client's test split, over the workers: one task per distinct
-        model (a cluster's model serves many clients), sent once, scored on each of its clients."""
+        """Each model's accuracy on its client's test split, over the workers: a distinct model (a
+        cluster's model serves many clients) is pickled once and scored on its clients in pieces of
+        about a quarter of a worker's share, so that the workers finish together."""
         by_model: dict[int, list[int]] = {}
         for client in sorted(models):
             by_model.setdefault(id(models[client]), []).append(client)
-        if len(by_model) < 2:  # nothing to share out: score here
+        if len(models) < 2:  # nothing to share out: score here
             return None
-        tasks = [(_to_bytes(models[clients[0]]), clients, rnd) for clients in by_model.values()]
+        piece = max(1, math.ceil(len(models) / (4 * self.workers)))
+        tasks, pieces = [], []
+        for clients in by_model.values():
+            model_bytes = _to_bytes(models[clients[0]])
+            for start in range(0, len(clients), piece):
+                pieces.append(clients[start : start + piece])
+                tasks.append((model_bytes, pieces[-1], rnd))
         scores: dict[int, float] = {}
-        for clients, results in zip(by_model.values(), self._pool_for(host).starmap(_score_in_worker, tasks)):
+        for clients, results in zip(pieces, self._pool_for(host).starmap(_score_in_worker, tasks, chunksize=1)):
             for client, result in zip(clients, results):
                 if result["failure"] is not None:
                     kind, text, trace = result["failure"]
@@ -255,11 +263,18 @@ class ProcessExecutor:
                 scores[client] = result["accuracy"]
         return scores
 
+    @property
+    def map_workers(self) -> int:
+        """How many of ``map_work``'s tasks run at once."""
+        return self.workers
+
     def map_work(self, host: ClientHost, work: Any, tasks: list[tuple]) -> list[Any] | None:
         """The server's independent work (``Comm.map``) over the workers, results in task order;
         an error in one is raised here, as if the server had run it."""
-        if len(tasks) < 2:  # nothing to share out: the server runs it
+        if not tasks or (len(tasks) < 2 and self._pool is None):  # nothing to share out: the server runs it
             return None
+        # one task goes to a running pool too: its workers are warm, while this process may not have
+        # trained anything yet (its first training step pays torch's lazy set-up, ~0.8 s measured)
         payloads = [_to_bytes((work, task)) for task in tasks]
         return [_from_bytes(result) for result in self._pool_for(host).map(_work_in_worker, payloads, chunksize=1)]
 

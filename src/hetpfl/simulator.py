@@ -58,6 +58,11 @@ class InProcessTransport:
         sharer = getattr(self.executor, "map_work", None)
         return None if sharer is None else sharer(self.host, work, tasks)
 
+    @property
+    def map_workers(self) -> int:
+        """How many of ``map_work``'s tasks run at once (1 where the executor has no workers for them)."""
+        return int(getattr(self.executor, "map_workers", 1))
+
     def _simulated_faults(self, stage: str, rnd: int, clients: list[int]) -> tuple[set[int], set[int]]:
         """Which clients drop out (never get the message) and which straggle (work, but too late),
         drawn from the seed per (round, stage, client); evaluation is the experimenter's, never dropped."""

@@ -192,6 +192,12 @@ class Comm(Protocol):
         module given is trained on a copy: use the returned one)."""
         ...
 
+    @property
+    def workers(self) -> int:
+        """How many of :meth:`map`'s tasks run at once (1: in turn). A server that can only guess
+        its next pieces of work should map no more guesses than this: beyond it they cost time."""
+        ...
+
 
 class Server:
     """Base server. Subclasses implement :meth:`round`.

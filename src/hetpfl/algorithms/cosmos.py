@@ -188,25 +188,21 @@ class CosmosServer(Server):
             members = [c for c in sorted(probs) if self.assignment[c] == k]
             targets[k] = aggregate_probabilities([probs[c] for c in members], self.config.aggregation, self.setup.aggregation)
             self.aggregates[k] = targets[k]
-        # every cluster's first attempt at once (over the workers where the runtime has them); a model
-        # new this round gets the registry key it would get in turn, and is trained again below in
-        # the rare case an earlier cluster's retry took that key
-        planned, key = {}, self._model_keys
-        for k in order:
-            if k not in self.models:
-                planned[k], key = key, key + 1
-        first = dict(zip(order, comm.map(distill_cluster, [
-            self._task(self.models[k] if k in self.models else self._new_model(planned[k]), targets[k], rnd, k, 0)
-            for k in order])))
+        # The clusters are trained in turn, each attempt on a new model taking the next registry key;
+        # where the runtime runs several tasks at once, the attempts the walk will most likely need
+        # next are trained alongside (``_guesses``). A result depends on its (cluster, attempt, key)
+        # alone, so the walk, and every record, is the in-turn one.
+        kept = set(self.models)  # these clusters' first attempt continues their model
+        results: dict[tuple, tuple] = {}  # (cluster, attempt, key or None) -> (model, loss, q)
         losses, retries = [], 0
-        for k in order:
+        for i, k in enumerate(order):
             for attempt in range(self.config.collapse_retries + 1):
-                fresh = k in planned or attempt > 0  # this attempt's model is new: it takes the next key
-                if attempt == 0 and (not fresh or planned[k] == self._model_keys):
-                    model, loss, q = first[k]
-                else:
-                    model, loss, q = distill_cluster(*self._task(self._new_model(self._model_keys), targets[k], rnd, k, attempt))
-                self._model_keys += fresh
+                slot = self._slot(k, attempt, self._model_keys, kept)
+                if slot not in results:
+                    batch = [slot] + self._guesses(order, i, attempt, kept, max(1, comm.workers) - 1)
+                    results.update(zip(batch, comm.map(distill_cluster, [self._task(s, targets[s[0]], rnd) for s in batch])))
+                model, loss, q = results[slot]
+                self._model_keys += slot[2] is not None
                 self.models[k] = model
                 retry = self.config.collapse_guard and collapsed(q, targets[k])
                 if not retry or attempt == self.config.collapse_retries:
@@ -216,10 +212,35 @@ class CosmosServer(Server):
             self.feedback[k] = q
         return {"server_distill_loss": float(np.mean(losses)), "collapse_retries": float(retries)}
 
+    @staticmethod
+    def _slot(k: int, attempt: int, key: int, kept: set[int]) -> tuple[int, int, int | None]:
+        """An attempt of the walk: a kept cluster's first one continues its model (no key); any other
+        trains a new model built with ``key``."""
+        return (k, attempt, None) if attempt == 0 and k in kept else (k, attempt, key)
+
+    def _guesses(self, order: list[int], i: int, attempt: int, kept: set[int], count: int) -> list[tuple]:
+        """The next ``count`` attempts of the walk after cluster ``order[i]``'s ``attempt``, if its
+        outcome repeats: a retry collapses again (a cluster that collapsed tends to keep collapsing),
+        a first attempt succeeds."""
+        guesses, key = [], self._model_keys + (self._slot(order[i], attempt, 0, kept)[2] is not None)
+        chain = attempt > 0
+        while len(guesses) < count:
+            if chain and attempt < self.config.collapse_retries:
+                attempt += 1
+            else:
+                i, attempt, chain = i + 1, 0, False
+                if i == len(order):
+                    break
+            guesses.append(self._slot(order[i], attempt, key, kept))
+            key += guesses[-1][2] is not None
+        return guesses
+
     def _new_model(self, key: int) -> nn.Module:
         return self.setup.build_model(self.config.server_arch, f"cosmos-server-{key}")
 
-    def _task(self, model: nn.Module, target: np.ndarray, rnd: int, k: int, attempt: int) -> tuple:
+    def _task(self, slot: tuple[int, int, int | None], target: np.ndarray, rnd: int) -> tuple:
+        k, attempt, key = slot
+        model = self.models[k] if key is None else self._new_model(key)
         c = self.config
         options = ServerDistill(
             epochs=c.server_epochs, batch_size=c.server_batch_size,
