@@ -366,9 +366,9 @@ def cluster_measures(server: Server, data: FederatedData) -> dict[str, Any]:
     out: dict[str, Any] = {"cluster_assignment": assignment.tolist()}
     seen = assignment >= 0
     if data.client_groups is not None and seen.any():
-        from sklearn.metrics import adjusted_rand_score  # noqa: PLC0415 (only clustering methods need it)
+        from .algorithms.clustering import adjusted_rand_index  # noqa: PLC0415 (only clustering methods need it)
 
-        out["cluster_ari"] = float(adjusted_rand_score(np.asarray(data.client_groups)[seen], assignment[seen]))
+        out["cluster_ari"] = float(adjusted_rand_index(np.asarray(data.client_groups)[seen], assignment[seen]))
     return out
 
 

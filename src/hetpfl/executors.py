@@ -136,6 +136,13 @@ _FORK_HOST: ClientHost | None = None
 _WORKER_HOST: ClientHost | None = None
 
 
+def _before_fork() -> None:
+    """What every forked process would otherwise load on its own: torch imports its compiler stack
+    (``torch._dynamo``, ~0.9 s) at the first optimizer a process builds; loaded once here, every
+    child shares it."""
+    import torch._dynamo  # noqa: F401, PLC0415
+
+
 def _start_worker(threads: int) -> None:
     global _WORKER_HOST
     torch.set_num_threads(threads)
@@ -205,6 +212,7 @@ class ProcessExecutor:
             self.close()
             global _FORK_HOST
             _FORK_HOST = host
+            _before_fork()
             try:  # fork: the workers share the run's data with this process instead of rebuilding it
                 context = multiprocessing.get_context("fork")
                 self._pool = context.Pool(self.workers, initializer=_start_worker, initargs=(torch.get_num_threads(),))
@@ -305,6 +313,7 @@ class IsolatedExecutor:
         self._reply_limit = 2 * run.max_reply_bytes + 2**20
         context = multiprocessing.get_context("fork")
         threads = torch.get_num_threads()
+        _before_fork()
         for client in range(run.num_clients):
             server_end, client_end = context.Pipe()
             earlier = [end for _, end in self._clients.values()]  # a client must not inherit the others' pipes

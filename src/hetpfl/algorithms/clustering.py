@@ -410,6 +410,27 @@ def match_clusters(previous: np.ndarray, current: np.ndarray) -> dict[int, int]:
     return mapping
 
 
+def adjusted_rand_index(truth: np.ndarray, found: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings (Hubert and Arabie), from the pair-confusion counts in
+    exact integers: the value scikit-learn's ``adjusted_rand_score`` gives, without importing
+    ``sklearn.metrics`` (~0.6 s of a run's start)."""
+    truth, found = np.asarray(truth).ravel(), np.asarray(found).ravel()
+    n = len(truth)
+    _, t = np.unique(truth, return_inverse=True)
+    _, f = np.unique(found, return_inverse=True)
+    shape = (t.max(initial=-1) + 1, f.max(initial=-1) + 1)
+    table = np.bincount(t * shape[1] + f, minlength=shape[0] * shape[1]).astype(np.int64).reshape(shape)
+    rows, cols = table.sum(axis=1), table.sum(axis=0)
+    squares = int((table**2).sum())
+    tp = squares - n
+    fp = int((table @ cols).sum()) - squares
+    fn = int((table.T @ rows).sum()) - squares
+    tn = n * n - fp - fn - squares
+    if fn == 0 and fp == 0:  # empty or full agreement
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
 # ----------------------------------------------------------------------------------------------
 # Hierarchical clustering, cosine similarity, nearest centers
 # ----------------------------------------------------------------------------------------------
