@@ -33,7 +33,9 @@ def _fingerprint(values: np.ndarray) -> str:
 def _heap() -> list[object]:
     """Every object the collector tracks, and what they refer to (arrays are not tracked themselves)."""
     tracked = gc.get_objects()
-    return tracked + [r for o in tracked for r in gc.get_referents(o) if isinstance(r, np.ndarray)]
+    with warnings.catch_warnings():  # the walk touches torch's deprecated aliases (torch.distributed.reduce_op)
+        warnings.simplefilter("ignore", FutureWarning)
+        return tracked + [r for o in tracked for r in gc.get_referents(o) if isinstance(r, np.ndarray)]
 
 
 def _holding_the_labels(objects: list[object], fingerprint: str, size: int, indices: np.ndarray) -> list[str]:
