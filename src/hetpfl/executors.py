@@ -232,8 +232,10 @@ class ProcessExecutor:
             record = host.store.get(c)
             tasks.append((c, stage, rnd, messages[c].to_bytes(), None if record is None else record.to_bytes()))
         outcomes: dict[int, Outcome] = {}
-        # a few tasks per worker: one round trip per task costs milliseconds, small clients train in less
-        chunk = max(1, math.ceil(len(tasks) / (4 * self.workers)))
+        # up to 16 pieces per worker: a round trip per task costs milliseconds (tiny clients train in
+        # less, so thousands go in chunks), while chunks of unequal clients leave a worker idle at the
+        # end (25 COSMOS clients: chunks of 4 -> 1 saved ~0.1 s a stage)
+        chunk = max(1, math.ceil(len(tasks) / (16 * self.workers)))
         for client, reply, record, failure in pool.imap(_run_client, tasks, chunksize=chunk):  # in client order
             if failure is not None:
                 kind, text, trace = failure
