@@ -3,6 +3,7 @@ measure) per method and Dirichlet α, mean ± std over seeds, and Mosaic's gap t
 from run folders or committed records laid out as <dataset>/a<α>/<models>/<method>/seed<S>.
 
     .venv/bin/python benchmarks/mosaic_table.py docs/records/mosaic/mnist
+    .venv/bin/python benchmarks/mosaic_table.py docs/records/mosaic/mnist runs/mosaic/mnist   # records and new runs
 
 The paper's claim reads off the last row of each block: Mosaic above every baseline (a positive gap),
 the gap growing as α shrinks. Mosaic's teacher (``teacher_test_acc``, scored once right after the
@@ -37,10 +38,10 @@ def teacher_accuracy(run: Path) -> float | None:
     return None
 
 
-def collect(root: Path) -> dict[tuple[str, str], dict[float, list[float]]]:
+def collect(roots: list[Path]) -> dict[tuple[str, str], dict[float, list[float]]]:
     """{(models, method): {α: [percent per seed]}} and the teachers under (models, 'teacher')."""
     table: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in find_runs([root]):
+    for run in find_runs(roots):
         match = re.search(r"a([0-9.]+)/(homogeneous|widths)/([a-z_]+)/seed\d+$", run.as_posix())
         if not match:
             continue
@@ -60,9 +61,9 @@ def cell(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="runs or records of one dataset (…/<dataset>)")
+    parser.add_argument("roots", type=Path, nargs="+", help="runs or records of one dataset (…/<dataset>), one folder or several")
     args = parser.parse_args()
-    table = collect(args.root)
+    table = collect(args.roots)
     alphas = sorted({a for per in table.values() for a in per})
     for models, methods in ORDER.items():
         present = [m for m in methods if (models, m) in table]
