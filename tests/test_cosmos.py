@@ -378,3 +378,28 @@ def test_comet_server_kmeans_once_or_every_round():
             assert b[0] == b[2] == b[4] != b[1] == b[3] == b[5]  # follows the new predictions
         else:
             np.testing.assert_array_equal(a, b)
+
+
+def test_kept_clusters_first_attempts_go_out_together_with_the_same_results(monkeypatch):
+    """A kept cluster's first attempt is needed whatever comes before it, so two at a time a steady
+    round sends all four at once (one round trip); in turn it is four, and the models agree."""
+    monkeypatch.setattr(cosmos_module, "collapsed", lambda q, target: False)
+    rng = np.random.default_rng(0)
+    probs = {}
+    for c in range(8):  # clients 2g, 2g+1 predict class g: four groups
+        p = rng.dirichlet(np.ones(4), size=64) * 0.1
+        p[:, c // 2] += 1.0
+        probs[c] = (p / p.sum(1, keepdims=True)).astype(np.float32)
+    config = CosmosConfig(server_arch="mlp", server_epochs=1, cluster_selection="oracle", oracle_clusters=4)
+    servers = {}
+    for comm in (ScriptedComm([probs, probs]), CopyingComm([probs, probs])):
+        server = CosmosServer(config, _setup(8))
+        server.round(0, list(range(8)), comm)
+        assert len(server.models) == 4
+        comm.rnd, comm.mapped = 1, []
+        server.round(1, list(range(8)), comm)
+        servers[comm.workers] = (server, comm.mapped)
+    assert servers[1][1] == [1, 1, 1, 1] and servers[2][1] == [4]
+    for k, model in servers[1][0].models.items():
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, servers[2][0].models[k].state_dict()[name])

@@ -193,6 +193,8 @@ class CosmosServer(Server):
         # next are trained alongside (``_guesses``). A result depends on its (cluster, attempt, key)
         # alone, so the walk, and every record, is the in-turn one.
         kept = set(self.models)  # these clusters' first attempt continues their model
+        # ... and is needed whatever the walk meets before it: no guess, it goes with the first batch
+        certain = [(k, 0, None) for k in order if k in kept] if comm.workers > 1 else []
         results: dict[tuple, tuple] = {}  # (cluster, attempt, key or None) -> (model, loss, q)
         losses, retries = [], 0
         for i, k in enumerate(order):
@@ -200,6 +202,7 @@ class CosmosServer(Server):
                 slot = self._slot(k, attempt, self._model_keys, kept)
                 if slot not in results:
                     batch = [slot] + self._guesses(order, i, attempt, kept, max(1, comm.workers) - 1)
+                    batch += [s for s in certain if s not in results and s not in batch]
                     results.update(zip(batch, comm.map(distill_cluster, [self._task(s, targets[s[0]], rnd) for s in batch])))
                 model, loss, q = results[slot]
                 self._model_keys += slot[2] is not None
