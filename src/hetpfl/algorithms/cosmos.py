@@ -201,7 +201,7 @@ class CosmosServer(Server):
             for attempt in range(self.config.collapse_retries + 1):
                 slot = self._slot(k, attempt, self._model_keys, kept)
                 if slot not in results:
-                    batch = [slot] + self._guesses(order, i, attempt, kept, max(1, comm.workers) - 1)
+                    batch = [slot] + self._guesses(order, i, slot, kept, max(1, comm.workers) - 1)
                     batch += [s for s in certain if s not in results and s not in batch]
                     results.update(zip(batch, comm.map(distill_cluster, [self._task(s, targets[s[0]], rnd) for s in batch])))
                 model, loss, q = results[slot]
@@ -221,11 +221,13 @@ class CosmosServer(Server):
         trains a new model built with ``key``."""
         return (k, attempt, None) if attempt == 0 and k in kept else (k, attempt, key)
 
-    def _guesses(self, order: list[int], i: int, attempt: int, kept: set[int], count: int) -> list[tuple]:
-        """The next ``count`` attempts of the walk after cluster ``order[i]``'s ``attempt``, if its
+    def _guesses(self, order: list[int], i: int, slot: tuple[int, int, int | None], kept: set[int],
+                 count: int) -> list[tuple]:
+        """The next ``count`` attempts of the walk after ``slot`` (cluster ``order[i]``), if its
         outcome repeats: a retry collapses again (a cluster that collapsed tends to keep collapsing),
         a first attempt succeeds."""
-        guesses, key = [], self._model_keys + (self._slot(order[i], attempt, 0, kept)[2] is not None)
+        _, attempt, taken = slot
+        guesses, key = [], self._model_keys + (taken is not None)
         chain = attempt > 0
         while len(guesses) < count:
             if chain and attempt < self.config.collapse_retries:
