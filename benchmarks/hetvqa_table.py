@@ -2,11 +2,11 @@
 seconds) as mean ± std over seeds from run folders or committed records (folders with summary.json).
 
     .venv/bin/python benchmarks/hetvqa_table.py docs/records/hetvqa/homo_dynamic
-    .venv/bin/python benchmarks/hetvqa_table.py docs/records/hetvqa/sizes_dynamic \
-        --earlier docs/records/hetvqa/sizes_dynamic/earlier_seed0.json
+    .venv/bin/python benchmarks/hetvqa_table.py runs/fedmosaic/ablations
 
-``--earlier`` adds seeds whose run folders are gone but whose per-method figures were published (a JSON
-file naming its source); those seeds enter the mean and std like the others and are listed per row.
+A measure a run does not report (forgetting in a static scenario) is a dash. ``--earlier`` adds seeds
+whose run folders are gone but whose per-method figures were published (a JSON file naming its
+source); those seeds enter the mean and std like the others and are listed per row.
 """
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ import numpy as np
 
 from hetpfl.report import find_runs, load_summary
 
-ORDER = ["sft", "fedit", "ditto_lora", "fedsim", "feddpa", "feddat", "perada"]
+ORDER = ["sft", "fedit", "ditto_lora", "fedsim", "feddpa", "feddat", "perada",
+         "feddistill", "fedmkt", "takfl", "hetlora", "flexlora", "fedmosaic",
+         "no_rela", "no_pq_lora", "no_block_alignment", "no_weight_alignment", "no_gate"]
 LABEL = {"sft": "Local (SFT)", "fedit": "FedIT", "ditto_lora": "Ditto", "fedsim": "FedSim", "feddpa": "FedDPA",
-         "feddat": "FedDAT", "perada": "PerAda"}
+         "feddat": "FedDAT", "perada": "PerAda", "feddistill": "FedDistill", "fedmkt": "FedMKT", "takfl": "TAKFL",
+         "hetlora": "HetLoRA", "flexlora": "FlexLoRA", "fedmosaic": "FedMosaic",
+         "no_rela": "FedMosaic without RELA (uniform weights)", "no_pq_lora": "FedMosaic without PQ-LoRA (HetLoRA's)",
+         "no_block_alignment": "FedMosaic without block alignment",
+         "no_weight_alignment": "FedMosaic without weight alignment", "no_gate": "FedMosaic without the gate"}
 # column -> the summary's final measure (fractions; shown in percent)
 MEASURES = {"Self": "personalized_acc_mean", "worst client": "personalized_acc_worst10", "Others": "others_mean",
             "forgetting": "forgetting_mean", "new type zero-shot": "zeroshot_new_type_mean",
@@ -32,14 +38,21 @@ MEASURES = {"Self": "personalized_acc_mean", "worst client": "personalized_acc_w
 
 
 def collect(records: Path, earlier: Path | None) -> dict[str, dict[int, dict[str, float]]]:
-    """{method: {seed: {column: percent}}} plus the upload (MB per client) and wall seconds."""
+    """{method: {seed: {column: percent}}} plus the upload (MB per client, and kB per client and round)
+    and wall seconds. A row is named by its run's folder (``<method>/seed<S>``), so the ablations, which
+    all run ``fedmosaic``, keep rows of their own."""
     table: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
     for run in find_runs([records]):
         s = load_summary(run)
-        row = {col: 100 * s["final"][key] for col, key in MEASURES.items()}
+        row = {col: 100 * s["final"][key] for col, key in MEASURES.items() if key in s["final"]}
         row["MB up"] = s["bytes_up_per_client_mean"] / 1e6
+        if s.get("rounds"):
+            row["kB up per round"] = s["bytes_up_per_client_mean"] / 1e3 / s["rounds"]
         row["seconds"] = s["wall_time_s"]
-        table[s["algorithm"]][s["seed"]] = row
+        method = run.parent.name if run.name.startswith("seed") else s["algorithm"]
+        if s["seed"] in table[method]:
+            sys.exit(f"{run}: a second run of {method} with seed {s['seed']}; give each run its own folder")
+        table[method][s["seed"]] = row
     if earlier is not None:
         published = json.loads(earlier.read_text())
         for method, row in published["methods"].items():
@@ -58,8 +71,8 @@ def cell(values: list[float], digits: int = 1) -> str:
 
 def markdown(table: dict[str, dict[int, dict[str, float]]]) -> str:
     lines = ["| method | seeds | Self | worst client | Others | forgetting | new type: zero-shot → adapted "
-             "| new domain: zero-shot → adapted | MB up per client | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| new domain: zero-shot → adapted | MB up per client | kB up per client and round | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in [m for m in ORDER if m in table] + sorted(set(table) - set(ORDER)):
         seeds = table[method]
 
@@ -72,7 +85,7 @@ def markdown(table: dict[str, dict[int, dict[str, float]]]) -> str:
             f"| {cell(values('worst client'))} | {cell(values('Others'))} | {cell(values('forgetting'))} "
             f"| {cell(values('new type zero-shot'))} → {cell(values('new type adapted'))} "
             f"| {cell(values('new domain zero-shot'))} → {cell(values('new domain adapted'))} "
-            f"| {cell(values('MB up'), 2)} | {cell(minutes)} |")
+            f"| {cell(values('MB up'), 2)} | {cell(values('kB up per round'), 1)} | {cell(minutes)} |")
     return "\n".join(lines)
 
 

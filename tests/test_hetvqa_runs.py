@@ -256,3 +256,23 @@ def test_the_results_table_pools_recorded_and_published_seeds(tmp_path):
     earlier.write_text(json.dumps({"source": "a test", "seed": 2, "methods": {"fedit": {"Self": 70.0}}}))
     with pytest.raises(SystemExit, match="seed 2 of fedit is also a record"):
         script.collect(tmp_path / "records", earlier)
+
+
+def test_the_results_table_gives_each_ablation_its_row_and_dashes_what_a_static_run_lacks(tmp_path):
+    from conftest import benchmark_script
+
+    script = benchmark_script("hetvqa_table")
+    final = {key: 0.5 for key in script.MEASURES.values() if key != "forgetting_mean"}  # a static scenario
+    for name, self_acc in (("no_rela", 0.40), ("no_gate", 0.30)):  # both run the algorithm fedmosaic
+        run = tmp_path / name / "seed0"
+        run.mkdir(parents=True)
+        summary = {"name": name, "algorithm": "fedmosaic", "dataset": "hetvqa", "seed": 0, "rounds": 20,
+                   "wall_time_s": 60.0, "bytes_up_per_client_mean": 2e6,
+                   "final": {**final, "personalized_acc_mean": self_acc}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
+            for r in script.markdown(script.collect(tmp_path, None)).splitlines()[2:]}
+    assert rows["FedMosaic without RELA (uniform weights)"][2] == "40.0"
+    assert rows["FedMosaic without the gate"][2] == "30.0"
+    assert rows["FedMosaic without the gate"][5] == "–"  # no forgetting in a static scenario
+    assert rows["FedMosaic without the gate"][-2] == "100.0"  # 2 MB over 20 rounds: 100 kB a round
