@@ -6,7 +6,8 @@ from run folders or committed records laid out as <dataset>/a<α>/<models>/<meth
     .venv/bin/python benchmarks/mosaic_table.py docs/records/mosaic/mnist runs/mosaic/mnist   # records and new runs
 
 The paper's claim reads off the last row of each block: Mosaic above every baseline (a positive gap),
-the gap growing as α shrinks. Mosaic's teacher (``teacher_test_acc``, scored once right after the
+the gap growing as α shrinks; the gap is also given seed by seed against the same baseline (each seed
+is one partition, shared by every method), with on how many seeds Mosaic is above. Mosaic's teacher (``teacher_test_acc``, scored once right after the
 distillation) is shown in brackets.
 """
 
@@ -38,22 +39,40 @@ def teacher_accuracy(run: Path) -> float | None:
     return None
 
 
-def collect(roots: list[Path]) -> dict[tuple[str, str], dict[float, list[float]]]:
-    """{(models, method): {α: [percent per seed]}} and the teachers under (models, 'teacher')."""
-    table: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def collect(roots: list[Path]) -> dict[tuple[str, str], dict[float, dict[int, float]]]:
+    """{(models, method): {α: {seed: percent}}} and the teachers under (models, 'teacher')."""
+    table: dict[tuple[str, str], dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for run in find_runs(roots):
         match = re.search(r"a([0-9.]+)/(homogeneous|widths)/([a-z_]+)/seed\d+$", run.as_posix())
         if not match:
             continue
         alpha, models, method = float(match[1]), match[2], match[3]
-        table[(models, method)][alpha].append(100 * load_summary(run)["final"]["global_test_acc"])
+        summary = load_summary(run)
+        table[(models, method)][alpha][summary["seed"]] = 100 * summary["final"]["global_test_acc"]
         teacher = teacher_accuracy(run) if method == "mosaic" else None
         if teacher is not None:
-            table[(models, "teacher")][alpha].append(teacher)
+            table[(models, "teacher")][alpha][summary["seed"]] = teacher
     return table
 
 
-def cell(values: list[float]) -> str:
+def gap(mosaic: dict[int, float], baselines: list[dict[int, float]]) -> str:
+    """Mosaic's mean minus the best baseline's (by mean), then the same difference seed by seed over
+    the seeds both have (each seed is one partition, shared by every method): its mean ± std and on
+    how many seeds Mosaic is above."""
+    baselines = [b for b in baselines if b]
+    if not mosaic or not baselines:
+        return "—"
+    best = max(baselines, key=lambda b: np.mean(list(b.values())))
+    text = f"{np.mean(list(mosaic.values())) - np.mean(list(best.values())):+.1f}"
+    paired = [mosaic[s] - best[s] for s in sorted(set(mosaic) & set(best))]
+    if len(paired) > 1:
+        above = sum(d > 0 for d in paired)
+        text += f" (by seed {np.mean(paired):+.1f} ± {np.std(paired):.1f}, above on {above} of {len(paired)})"
+    return text
+
+
+def cell(by_seed: dict[int, float]) -> str:
+    values = list(by_seed.values())
     if not values:
         return "—"
     return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
@@ -81,12 +100,8 @@ def main() -> None:
                     text += f" [{cell(table[(models, 'teacher')][a])}]"
                 cells.append(text)
             print(f"| {method} | " + " | ".join(cells) + " |")
-        gaps = []
-        for a in alphas:
-            mosaic = table[(models, "mosaic")][a]
-            best = max((np.mean(table[(models, m)][a]) for m in present if m != "mosaic" and table[(models, m)][a]),
-                       default=None)
-            gaps.append("—" if not mosaic or best is None else f"{np.mean(mosaic) - best:+.1f}")
+        gaps = [gap(table[(models, "mosaic")][a], [table[(models, m)][a] for m in present if m != "mosaic"])
+                for a in alphas]
         print("| Mosaic − best baseline | " + " | ".join(gaps) + " |")
 
 

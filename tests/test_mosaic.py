@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,21 @@ def test_the_codes_meta_model_reads_the_set_of_expert_predictions_and_per_expert
         assert not torch.allclose(own(logits), own(swapped))
     with pytest.raises(ValueError, match="expansion='diagonal'"):
         build_model("moe_meta", (6,), 3, num_experts=5, expansion="diagonal")
+
+
+def test_the_table_gives_mosaics_gap_seed_by_seed_against_the_best_baseline(tmp_path):
+    from conftest import benchmark_script
+
+    script = benchmark_script("mosaic_table")
+    accuracies = {"mosaic": (0.50, 0.70, 0.90), "fedavg": (0.60, 0.60, 0.60), "fedprox": (0.40, 0.40, 0.40)}
+    for method, per_seed in accuracies.items():
+        for seed, acc in enumerate(per_seed):
+            run = tmp_path / "a0.1" / "homogeneous" / method / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({"seed": seed, "final": {"global_test_acc": acc}}))
+    table = script.collect([tmp_path])
+    assert table[("homogeneous", "mosaic")][0.1] == {0: 50.0, 1: 70.0, 2: 90.0}
+    text = script.gap(table[("homogeneous", "mosaic")][0.1],
+                      [table[("homogeneous", m)][0.1] for m in ("fedavg", "fedprox")])
+    # the best baseline is fedavg (60); Mosaic − fedavg by seed: −10, +10, +30
+    assert text == "+10.0 (by seed +10.0 ± 16.3, above on 2 of 3)"
