@@ -1,5 +1,7 @@
 """Print docs/results.md's HetVQA table (Self, worst client, Others, forgetting, fast adaptation, bytes,
-seconds) as mean ± std over seeds from run folders or committed records (folders with summary.json).
+seconds, and for FedMosaic Pearson's r between its last RELA weights and the scenario's true
+relatedness over client pairs) as mean ± std over seeds from run folders or committed records
+(folders with summary.json).
 
     .venv/bin/python benchmarks/hetvqa_table.py docs/records/hetvqa/homo_dynamic
     .venv/bin/python benchmarks/hetvqa_table.py runs/fedmosaic/ablations
@@ -49,6 +51,9 @@ def collect(records: Path, earlier: Path | None) -> dict[str, dict[int, dict[str
         if s.get("rounds"):
             row["kB up per round"] = s["bytes_up_per_client_mean"] / 1e3 / s["rounds"]
         row["seconds"] = s["wall_time_s"]
+        rela = s.get("client_matrices", {}).get("rela_weights", {}).get("truth_correlation")
+        if rela is not None:  # FedMosaic: how closely the last round's RELA weights follow the truth
+            row["RELA r"] = rela
         method = run.parent.name if run.name.startswith("seed") else s["algorithm"]
         if s["seed"] in table[method]:
             sys.exit(f"{run}: a second run of {method} with seed {s['seed']}; give each run its own folder")
@@ -71,8 +76,8 @@ def cell(values: list[float], digits: int = 1) -> str:
 
 def markdown(table: dict[str, dict[int, dict[str, float]]]) -> str:
     lines = ["| method | seeds | Self | worst client | Others | forgetting | new type: zero-shot → adapted "
-             "| new domain: zero-shot → adapted | MB up per client | kB up per client and round | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| new domain: zero-shot → adapted | MB up per client | kB up per client and round | RELA ~ truth (r) | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in [m for m in ORDER if m in table] + sorted(set(table) - set(ORDER)):
         seeds = table[method]
 
@@ -85,7 +90,8 @@ def markdown(table: dict[str, dict[int, dict[str, float]]]) -> str:
             f"| {cell(values('worst client'))} | {cell(values('Others'))} | {cell(values('forgetting'))} "
             f"| {cell(values('new type zero-shot'))} → {cell(values('new type adapted'))} "
             f"| {cell(values('new domain zero-shot'))} → {cell(values('new domain adapted'))} "
-            f"| {cell(values('MB up'), 2)} | {cell(values('kB up per round'), 1)} | {cell(minutes)} |")
+            f"| {cell(values('MB up'), 2)} | {cell(values('kB up per round'), 1)} | {cell(values('RELA r'), 2)} "
+            f"| {cell(minutes)} |")
     return "\n".join(lines)
 
 

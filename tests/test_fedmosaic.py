@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import hetpfl.data.hetvqa as hv
 from hetpfl.algorithms.fedmosaic import shared_names
 from hetpfl.algorithms.rela import mix_by_weights, rela_weights
 from hetpfl.configuration import ConfigError
-from hetpfl.experiment import load_config, prepare
+from hetpfl.experiment import load_config, off_diagonal_correlation, prepare
 from hetpfl.models import build_model
 from hetpfl.models.lora import add_lora, adapter_state, lora_layers, target_layers
 
@@ -104,6 +105,20 @@ def test_a_run_draws_rela_weights_beside_the_scenarios_relatedness(tmp_path):
     summary = run_experiment(load_config(CONFIG, ["rounds=2"]), tmp_path)
     assert (tmp_path / "rela_weights.png").is_file() and "heatmaps" not in summary
     assert {"rela_max_weight", "rela_weight_std"} <= set(summary["server"])
+    # the weights themselves, and how well they follow the truth, are in the summary for tables
+    rela = json.loads((tmp_path / "summary.json").read_text())["client_matrices"]["rela_weights"]
+    weights = np.array(rela["values"])
+    assert weights.shape == (3, 3) and np.allclose(np.diag(weights), 0) and np.allclose(weights.sum(1), 1)
+    assert rela["truth_correlation"] == pytest.approx(off_diagonal_correlation(weights, truth))
+
+
+def test_the_correlation_with_the_truth_reads_the_pairs_of_distinct_clients_only():
+    truth = np.array([[1.0, 0.2, 0.9], [0.2, 1.0, 0.1], [0.9, 0.1, 1.0]])
+    scaled = 0.5 * truth + np.diag([7.0, -3.0, 2.0])  # a different diagonal, the same pairs up to scale
+    assert off_diagonal_correlation(scaled, truth) == pytest.approx(1.0)
+    assert off_diagonal_correlation(-truth, truth) == pytest.approx(-1.0)
+    assert off_diagonal_correlation(truth, None) is None
+    assert off_diagonal_correlation(truth, np.ones((3, 3))) is None  # every pair equally related: no r
 
 
 def test_weight_alignment_matches_codes_and_keeps_b_orthonormal():

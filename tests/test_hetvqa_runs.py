@@ -268,11 +268,13 @@ def test_the_results_table_gives_each_ablation_its_row_and_dashes_what_a_static_
         run.mkdir(parents=True)
         summary = {"name": name, "algorithm": "fedmosaic", "dataset": "hetvqa", "seed": 0, "rounds": 20,
                    "wall_time_s": 60.0, "bytes_up_per_client_mean": 2e6,
-                   "final": {**final, "personalized_acc_mean": self_acc}}
+                   "final": {**final, "personalized_acc_mean": self_acc},
+                   "client_matrices": {"rela_weights": {"values": [], "truth_correlation": self_acc + 0.5}}}
         (run / "summary.json").write_text(json.dumps(summary))
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
             for r in script.markdown(script.collect(tmp_path, None)).splitlines()[2:]}
     assert rows["FedMosaic without RELA (uniform weights)"][2] == "40.0"
     assert rows["FedMosaic without the gate"][2] == "30.0"
     assert rows["FedMosaic without the gate"][5] == "–"  # no forgetting in a static scenario
-    assert rows["FedMosaic without the gate"][-2] == "100.0"  # 2 MB over 20 rounds: 100 kB a round
+    assert rows["FedMosaic without the gate"][-3] == "100.0"  # 2 MB over 20 rounds: 100 kB a round
+    assert rows["FedMosaic without the gate"][-2] == "0.80"  # RELA against the truth

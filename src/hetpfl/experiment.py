@@ -133,6 +133,8 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
     runtime_name = summary.pop("runtime", runtime.name)
     visuals = summary.pop(VISUALS, {})
     heatmaps = summary.pop(HEATMAPS, {})
+    scenario = getattr(prepared.run.data, "scenario", None)
+    truth = None if scenario is None else scenario.relatedness()
     summary = {
         "name": config.name,
         "run_id": run_id,
@@ -145,6 +147,9 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
         "clients": prepared.clients,
         **({"setup": prepared.setup} if prepared.setup else {}),
         **data_facts,
+        **({"client_matrices": {name: {"values": np.asarray(matrix).tolist(),
+                                       "truth_correlation": off_diagonal_correlation(matrix, truth)}
+                                for name, (matrix, _title) in heatmaps.items()}} if heatmaps else {}),
         "environment": {"hetpfl": __version__, "python": platform.python_version(), "numpy": np.__version__,
                         "torch": _torch_version(), "processor": platform.machine(),
                         "portable_numerics": portable_numerics_active()},
@@ -153,11 +158,24 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
     plot_run(out)
     for name, (images, labels) in visuals.items():
         save_image_grid(out / f"{name}.png", images, prepared.run.data.value_range, labels, title=name.replace("_", " "))
-    scenario = getattr(prepared.run.data, "scenario", None)
     for name, (matrix, title) in heatmaps.items():
-        truth = None if scenario is None else (scenario.relatedness(), "true task relatedness (shared task types)")
-        save_heatmap(out / f"{name}.png", matrix, title, truth)
+        save_heatmap(out / f"{name}.png", matrix, title,
+                     None if truth is None else (truth, "true task relatedness (shared task types)"))
     return summary
+
+
+def off_diagonal_correlation(matrix: np.ndarray, truth: np.ndarray | None) -> float | None:
+    """Pearson's r between a client × client matrix and the true relatedness over the pairs i ≠ j
+    (the diagonal is a client with itself: RELA leaves it out); None without a truth, or when either
+    side is constant there."""
+    if truth is None:
+        return None
+    matrix, truth = np.asarray(matrix, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    pairs = ~np.eye(len(truth), dtype=bool)
+    a, b = matrix[pairs], truth[pairs]
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def _torch_version() -> str:
