@@ -164,3 +164,25 @@ def test_without_pq_lora_plain_lora_is_shared_across_sizes_by_padding():
     assert prepared.setup == {}  # nothing to align without PQ layers
     model = prepared.run.new_module(prepared.run.client_modules(0)["model"], "probe")
     assert not any(layer.is_pq for layer in lora_layers(model).values())
+
+
+def test_the_fast_adaptation_trains_p_q_and_the_gates_at_their_training_rates(tmp_path, monkeypatch):
+    """P and Q learn at ``pq_lr_scale`` × lr in training (at 1 × they barely move); the adaptation to
+    unseen tasks after the last round must use the same rates, or it measures a crippled FedMosaic."""
+    import hetpfl.algorithms.vqa as vqa
+    from hetpfl.experiment import run_experiment
+
+    seen = []
+    real = vqa.optimize
+
+    def recording(objective, batches, **kwargs):
+        seen.append(objective)
+        return real(objective, batches, **kwargs)
+
+    monkeypatch.setattr(vqa, "optimize", recording)
+    run_experiment(load_config(CONFIG, ["rounds=1", "algorithm.pq_lr_scale=7"]), tmp_path)
+    adaptations = [o for o in seen if o.name == "loss"]  # fast_adaptation's objectives (one per unseen task)
+    assert adaptations
+    for objective in adaptations:
+        scaled = {id(p) for p in objective.params if (objective.lr_scales or {}).get(id(p)) == 7}
+        assert scaled and scaled < {id(p) for p in objective.params}  # P/Q and gates at 7 ×, the rest at 1 ×

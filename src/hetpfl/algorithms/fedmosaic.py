@@ -199,7 +199,7 @@ class FedMosaicClient(VQAClient):
                                                           ctx.generator("profile", step)))
                 yield batch
 
-        fast = {id(p): config.pq_lr_scale for p in [*adapter_parameters(model, "gate"), *pq_parameters(model)]}
+        fast = self.adaptation_lr_scales(ctx)
         trained = trainable_parameters(model) if config.gate else adapter_parameters(model, "local")
         combined = model if config.gate else FixedMix(model, 0.5)
         with replay(ctx) as batches:
@@ -213,6 +213,10 @@ class FedMosaicClient(VQAClient):
         local = adapter_arrays(model, "local")
         arrays = {names[k[2:]]: v for k, v in local.items()}
         return Message({**arrays, "profile": ctx.state["profile"]}, {"num_examples": len(ctx.state["memory_task"])})
+
+    def adaptation_lr_scales(self, ctx: ClientContext) -> dict[int, float]:
+        """P, Q and the gates learn at ``pq_lr_scale`` × lr, in training and in the fast adaptation."""
+        return {id(p): self.config.pq_lr_scale for p in [*adapter_parameters(ctx.model, "gate"), *pq_parameters(ctx.model)]}
 
     def evaluated_model(self, ctx: ClientContext) -> torch.nn.Module:
         return ctx.model if self.config.gate else FixedMix(ctx.model, 0.5)

@@ -174,11 +174,12 @@ def _score(model: nn.Module, store: Any, rows: Any) -> tuple[np.ndarray, np.ndar
     return em, f1, nll
 
 
-def vqa_evaluation(model: nn.Module, ctx: ClientContext) -> Message:
+def vqa_evaluation(model: nn.Module, ctx: ClientContext, lr_scales: Mapping[int, float] | None = None) -> Message:
     """The evaluate stage's reply for ``model`` (module docstring). Forgetting: over the tasks met
     before the ones arriving now, the mean of (best exact match in earlier evaluations − now); left
     out when there are none (the first task, or every round of a static scenario), as is Others
-    when no other client has met a task this one does not train on."""
+    when no other client has met a task this one does not train on. ``lr_scales``: the method's own
+    learning-rate factors, for the fast adaptation (:func:`fast_adaptation`)."""
     store = ctx.examples.store
     em, f1, nll = _score(model, store, ctx.test)
     others = _score(model, store, ctx.examples.others)[0]
@@ -196,14 +197,17 @@ def vqa_evaluation(model: nn.Module, ctx: ClientContext) -> Message:
     if earlier.size:
         scalars["forgetting"] = float(np.mean(best[earlier] - accuracy[earlier]))
     if ctx.examples.adaptation_steps:
-        scalars.update(fast_adaptation(model, ctx))
+        scalars.update(fast_adaptation(model, ctx, lr_scales))
     return Message({"task_correct": np.rint(correct).astype(np.int64), "task_count": count.astype(np.int64)}, scalars)
 
 
-def fast_adaptation(model: nn.Module, ctx: ClientContext) -> dict[str, float]:
+def fast_adaptation(model: nn.Module, ctx: ClientContext, lr_scales: Mapping[int, float] | None = None
+                    ) -> dict[str, float]:
     """After the last round, for every unseen task: ``model``'s exact match on it, then again after
     ``adaptation_steps`` steps of the answer loss on its training examples (the shared optimizer
-    options and batch size, the tensors training updates); the model is restored after each task.
+    options and batch size, the tensors training updates, at the factors of the learning rate the
+    method trains them with: ``lr_scales``, ``{id(parameter): factor}``, as
+    :class:`~hetpfl.learn.loop.Objective` takes them); the model is restored after each task.
     Returns the mean over each kind's tasks (:data:`ADAPTATION_SCALARS`)."""
     store, steps = ctx.examples.store, ctx.examples.adaptation_steps
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,8 +219,8 @@ def fast_adaptation(model: nn.Module, ctx: ClientContext) -> dict[str, float]:
             rows = np.arange(len(examples.test))
             before.append(answer_scores(model, store.pool, examples.test, rows, store.vocab)[0].mean())
             batches = example_batches(store.pool, [examples.train], ctx.training.batch_size, ctx.rng("adapt", name))
-            optimize(Objective(lambda b: answer_loss(model, b), params, ctx.training.optim(), train=(model,)),
-                     batches, steps=steps)
+            optimize(Objective(lambda b: answer_loss(model, b), params, ctx.training.optim(), train=(model,),
+                               lr_scales=lr_scales), batches, steps=steps)
             after.append(answer_scores(model, store.pool, examples.test, rows, store.vocab)[0].mean())
             with torch.no_grad():
                 for p, value in zip(params, saved):
@@ -246,8 +250,13 @@ class VQAClient(Client):
         """The client's personalized model (default the ``model`` slot)."""
         return ctx.model
 
+    def adaptation_lr_scales(self, ctx: ClientContext) -> Mapping[int, float] | None:
+        """The learning-rate factors the method trains some tensors with (``{id(parameter): factor}``),
+        which the fast adaptation uses as well; default none (every tensor at the client's lr)."""
+        return None
+
     def evaluate(self, message: Message, ctx: ClientContext) -> Message:
-        return vqa_evaluation(self.evaluated_model(ctx), ctx)
+        return vqa_evaluation(self.evaluated_model(ctx), ctx, self.adaptation_lr_scales(ctx))
 
 
 # ---------------------------------------------------------------------------------------------
