@@ -5,6 +5,7 @@ relatedness over client pairs) as mean ± std over seeds from run folders or com
 
     .venv/bin/python benchmarks/hetvqa_table.py docs/records/hetvqa/homo_dynamic
     .venv/bin/python benchmarks/hetvqa_table.py runs/fedmosaic/ablations
+    .venv/bin/python benchmarks/hetvqa_table.py docs/records/hetvqa/sizes_dynamic docs/records/fedmosaic/sizes_dynamic
 
 A measure a run does not report (forgetting in a static scenario) is a dash. ``--earlier`` adds seeds
 whose run folders are gone but whose per-method figures were published (a JSON file naming its
@@ -39,12 +40,12 @@ MEASURES = {"Self": "personalized_acc_mean", "worst client": "personalized_acc_w
             "new domain adapted": "adapt_new_domain_mean"}
 
 
-def collect(records: Path, earlier: Path | None) -> dict[str, dict[int, dict[str, float]]]:
+def collect(records: Path | list[Path], earlier: Path | None) -> dict[str, dict[int, dict[str, float]]]:
     """{method: {seed: {column: percent}}} plus the upload (MB per client, and kB per client and round)
     and wall seconds. A row is named by its run's folder (``<method>/seed<S>``), so the ablations, which
     all run ``fedmosaic``, keep rows of their own."""
     table: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
-    for run in find_runs([records]):
+    for run in find_runs(records if isinstance(records, list) else [records]):
         s = load_summary(run)
         row = {col: 100 * s["final"][key] for col, key in MEASURES.items() if key in s["final"]}
         row["MB up"] = s["bytes_up_per_client_mean"] / 1e6
@@ -97,7 +98,8 @@ def markdown(table: dict[str, dict[int, dict[str, float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("records", type=Path, help="run folders or committed records (with summary.json)")
+    parser.add_argument("records", type=Path, nargs="+",
+                        help="run folders or committed records (with summary.json) of one scenario, one or several")
     parser.add_argument("--earlier", type=Path, help="published figures of seeds whose run folders are gone")
     args = parser.parse_args(argv)
     print(markdown(collect(args.records, args.earlier)))
