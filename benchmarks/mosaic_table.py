@@ -7,8 +7,8 @@ from run folders or committed records laid out as <dataset>/a<α>/<models>/<meth
 
 The paper's claim reads off the last row of each block: Mosaic above every baseline (a positive gap),
 the gap growing as α shrinks; the gap is also given seed by seed against the same baseline (each seed
-is one partition, shared by every method), with on how many seeds Mosaic is above. Mosaic's teacher (``teacher_test_acc``, scored once right after the
-distillation) is shown in brackets.
+is one partition, shared by every method), with on how many seeds Mosaic is above. Mosaic's teacher
+(``teacher_test_acc``, scored once right after the distillation) is shown in brackets.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def _run_into(out: Path, prepared: Prepared, run_id: str, started: float,
     visuals = summary.pop(VISUALS, {})
     heatmaps = summary.pop(HEATMAPS, {})
     scenario = getattr(prepared.run.data, "scenario", None)
-    truth = None if scenario is None else scenario.relatedness()
+    truth = scenario.relatedness() if heatmaps and scenario is not None else None  # only beside a heatmap
     summary = {
         "name": config.name,
         "run_id": run_id,
