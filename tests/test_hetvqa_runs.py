@@ -214,12 +214,30 @@ def test_hetlora_zero_pads_ranks_weighs_by_update_norm_and_averages_widths_over_
     large = {"w.l.lora_A": np.full((2, 3), 2.0, dtype=np.float32), "w.l.lora_B": np.full((4, 2), 2.0, dtype=np.float32)}
     out = aggregate({0: small, 1: large})
     w_small = np.linalg.norm(small["w.l.lora_B"] @ small["w.l.lora_A"])  # 2
-    w_large = np.linalg.norm(large["w.l.lora_B"].astype(np.float64) @ large["w.l.lora_A"])  # 8 * sqrt(12)
+    w_large = np.linalg.norm(large["w.l.lora_B"][:2].astype(np.float64) @ large["w.l.lora_A"][:, :2])  # on the shared 2x2: 16
     both = (w_small * 1 + w_large * 2) / (w_small + w_large)
     assert out["w.l.lora_A"].shape == (2, 3) and out["w.l.lora_B"].shape == (4, 2)
     assert np.isclose(out["w.l.lora_A"][0, 0], both)
     assert np.isclose(out["w.l.lora_A"][1, 0], w_large * 2 / (w_small + w_large))  # rank 2: the small one's zero counts
     assert np.isclose(out["w.l.lora_A"][0, 2], 2.0)  # input width 3: only the large one holds it
+
+
+def test_hetlora_weighs_each_layer_by_its_own_norms_on_the_corner_its_holders_share():
+    from hetpfl.algorithms.hetlora import aggregate, update_norms
+
+    rng = np.random.default_rng(0)
+    corner_a, corner_b = rng.normal(size=(2, 3)), rng.normal(size=(3, 2))
+    narrow = {"x.lora_A": corner_a, "x.lora_B": corner_b, "y.lora_A": np.zeros((2, 3)), "y.lora_B": np.zeros((3, 2))}
+    wide = {"x.lora_A": np.pad(corner_a, ((0, 0), (0, 3)), constant_values=5.0),  # the same on the shared corner,
+            "x.lora_B": np.pad(corner_b, ((0, 3), (0, 0)), constant_values=5.0),  # large beyond it
+            "y.lora_A": np.ones((2, 6)), "y.lora_B": np.ones((6, 2)),
+            "z.lora_A": np.ones((2, 6)), "z.lora_B": np.ones((6, 2))}  # a layer only the deeper model has
+    norms = update_norms({0: narrow, 1: wide})
+    assert np.isclose(norms["x"][0], norms["x"][1])  # its width beyond the corner does not count
+    assert norms["y"][0] < 1e-9 < norms["y"][1] and set(norms["z"]) == {1}  # each layer its own
+    out = aggregate({0: narrow, 1: wide})
+    assert np.allclose(out["x.lora_A"][:, :3], corner_a)  # equal weights on x: the shared corner is theirs
+    assert np.allclose(out["y.lora_A"], 1.0)  # on y the narrow client's zero update weighs (almost) nothing
 
 
 def test_hetlora_self_pruning_drops_weak_trailing_components_only():

@@ -11,14 +11,19 @@ Client k has rank r_k (``ranks``: per architecture; else the run's ``models.lora
           (its rank shrinks for good, never below ``min_rank``); uploads its adapter with the dropped
           components zero;
   SERVER  per layer, zero-pads every upload to the largest rank and averages with weights ∝
-          ||B_k A_k||_F (the Frobenius norm of the client's update: "sparsity-weighted").
+          ||B_k A_k||_F (the Frobenius norm of the client's update in that layer: "sparsity-weighted").
 
 Choices: FedMosaic's comparison uses HetLoRA across model sizes (its "without PQ-LoRA" ablation), so
 layers of different widths are aggregated too — each entry over the clients whose layer has it (a
 width extension of the paper's rank-only zero-padding; along the rank the zeros of lower-rank
 clients count, as the paper's padding does); layers pair by name (a deeper model's extra layers
-only among models that have them). The self-pruning rule and its ratio are ours (the paper prunes
-trailing components whose norm falls, with a decay factor): documented, and 0 turns it off.
+only among models that have them); a layer's norms are taken on the corner all its holders share
+(on whole matrices a wider model's norm is larger by its width alone; the first runs summed the
+norms over whole models, so with adapters of equal entry size the 4-layer, 2×-wide clients
+outweighed the 2-layer ones 4:1 in every layer they share, and the small clients fell to about
+half of FlexLoRA's accuracy after the first task shift). The self-pruning rule and its ratio are
+ours (the paper prunes trailing components whose norm falls, with a decay factor): documented, and
+0 turns it off.
 """
 
 from __future__ import annotations
@@ -68,38 +73,54 @@ def _pad(array: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
     return out, mask
 
 
-def update_norms(uploads: dict[int, dict[str, np.ndarray]]) -> dict[int, float]:
-    """Each client's ||B_k A_k||_F summed over its layers (HetLoRA's sparsity weights, unnormalized)."""
-    weights = {}
-    for c, arrays in uploads.items():
-        layers = {k[: -len(".lora_A")] for k in arrays if k.endswith(".lora_A")}
-        weights[c] = sum(np.linalg.norm(arrays[f"{layer}.lora_B"].astype(np.float64) @ arrays[f"{layer}.lora_A"])
-                         for layer in layers) or 1e-12
-    return weights
+def _layer(name: str) -> str:
+    return name.rsplit(".", 1)[0]
 
 
-def padded_average(uploads: dict[int, dict[str, np.ndarray]], weights: dict[int, float]) -> dict[str, np.ndarray]:
-    """Per LoRA tensor, the ``weights``-weighted average of the uploads zero-padded to the largest
-    shape: along the rank (A's rows, B's columns) the padded zeros count, as HetLoRA's padding; across
-    widths each entry is averaged over the clients whose layer has it. Clients of weight 0 are left out."""
+def update_norms(uploads: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[int, float]]:
+    """HetLoRA's sparsity weights (unnormalized), per LoRA layer: each holder's ||B_k A_k||_F on the
+    corner of the layer every holder has. With one width this is the paper's per-layer norm; across
+    widths it compares like with like (on its whole matrix a wider model's norm grows with its width,
+    and its uploads would outweigh a narrower model's on the corner they share)."""
+    norms: dict[str, dict[int, float]] = {}
+    for layer in sorted({_layer(k) for a in uploads.values() for k in a if k.endswith(".lora_A")}):
+        holders = [c for c, a in uploads.items() if f"{layer}.lora_A" in a and f"{layer}.lora_B" in a]
+        rows = min(uploads[c][f"{layer}.lora_B"].shape[0] for c in holders)
+        cols = min(uploads[c][f"{layer}.lora_A"].shape[1] for c in holders)
+        norms[layer] = {c: float(np.linalg.norm(uploads[c][f"{layer}.lora_B"][:rows].astype(np.float64)
+                                                @ uploads[c][f"{layer}.lora_A"][:, :cols])) or 1e-12
+                        for c in holders}
+    return norms
+
+
+def padded_average(uploads: dict[int, dict[str, np.ndarray]], weights: dict[int, float],
+                   layer_weights: dict[str, dict[int, float]] | None = None) -> dict[str, np.ndarray]:
+    """Per LoRA tensor, the weighted average of the uploads zero-padded to the largest shape: along
+    the rank (A's rows, B's columns) the padded zeros count, as HetLoRA's padding; across widths each
+    entry is averaged over the clients whose layer has it. A tensor's weights are its layer's in
+    ``layer_weights`` where given, else ``weights``; clients of weight 0 are left out."""
+    def weights_of(name: str) -> dict[int, float]:
+        return layer_weights.get(_layer(name), weights) if layer_weights else weights
+
     out = {}
-    for name in sorted({k for c, a in uploads.items() if weights.get(c, 0) > 0 for k in a}):
-        holders = [c for c in uploads if name in uploads[c] and weights.get(c, 0) > 0]
+    for name in sorted({k for c, a in uploads.items() for k in a if weights_of(k).get(c, 0) > 0}):
+        w = weights_of(name)
+        holders = [c for c in uploads if name in uploads[c] and w.get(c, 0) > 0]
         is_a = name.endswith(".lora_A")
         shape = tuple(max(uploads[c][name].shape[d] for c in holders) for d in range(2))
         total, weight = np.zeros(shape), np.zeros(shape)
         for c in holders:
             padded, mask = _pad(uploads[c][name].astype(np.float64), shape)
             width_mask = mask.any(axis=0, keepdims=True) if is_a else mask.any(axis=1, keepdims=True)
-            total += weights[c] * padded
-            weight += weights[c] * np.broadcast_to(width_mask, shape)
+            total += w[c] * padded
+            weight += w[c] * np.broadcast_to(width_mask, shape)
         out[name] = (total / np.maximum(weight, 1e-12)).astype(np.float32)
     return out
 
 
 def aggregate(uploads: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """HetLoRA's rule: the padded average weighted by each client's update norm (module docstring)."""
-    return padded_average(uploads, update_norms(uploads))
+    """HetLoRA's rule: the padded average, each layer weighted by its uploads' update norms."""
+    return padded_average(uploads, {}, layer_weights=update_norms(uploads))
 
 
 def cut_to(own: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
