@@ -8,7 +8,8 @@ cross-family one (``families_dynamic``: Llama and GPT blocks). Methods: FedMosai
 heterogeneous baselines everywhere; issue #11's seven LoRA baselines on the scenarios their own table
 (configs/hetvqa_runs: homo_dynamic, sizes_dynamic) does not cover. Ablations on sizes_dynamic:
 without RELA, block alignment, weight alignment, the gate, or PQ-LoRA (plain LoRA shared across
-sizes by HetLoRA's padding, with RELA's weights).
+sizes by HetLoRA's padding, with RELA's weights). Variants (configs/fedmosaic_runs/variants): FedMosaic
+on sizes_dynamic with another setting (``one_block``: N_B = 1).
 
 Usage: .venv/bin/python benchmarks/make_fedmosaic_runs.py   (rewrites the files; commit the result)
 Run:   benchmarks/run_configs.sh configs/fedmosaic_runs runs/fedmosaic "0 1 2" 2
@@ -34,6 +35,9 @@ METHODS = ("fedmosaic", "feddistill", "fedmkt", "takfl", "hetlora", "flexlora")
 ABLATIONS = {"no_rela": {"rela": False}, "no_block_alignment": {"block_alignment": False},
              "no_weight_alignment": {"weight_alignment": False}, "no_gate": {"gate": False},
              "no_pq_lora": {"pq_lora": False}}
+#: FedMosaic with another setting on sizes_dynamic: one block puts P/Q on the last layer only, where
+#: two blocks make both layers of the 2-layer small model PQ layers (r² + r values each to train)
+VARIANTS = {"one_block": {"num_blocks": 1}}
 
 
 def write(path: Path, tree: dict) -> None:
@@ -51,12 +55,13 @@ def main() -> None:
         for method in methods:
             write(ROOT / scenario / f"{method}.yaml", config(scenario, method))
             count += 1
-    for name, options in ABLATIONS.items():
-        tree = config("sizes_dynamic", "fedmosaic")
-        tree["name"] = f"hetvqa-sizes_dynamic-fedmosaic-{name}"
-        tree["algorithm"].update(options)
-        write(ROOT / "ablations" / f"{name}.yaml", tree)
-        count += 1
+    for folder, settings in (("ablations", ABLATIONS), ("variants", VARIANTS)):
+        for name, options in settings.items():
+            tree = config("sizes_dynamic", "fedmosaic")
+            tree["name"] = f"hetvqa-sizes_dynamic-fedmosaic-{name}"
+            tree["algorithm"].update(options)
+            write(ROOT / folder / f"{name}.yaml", tree)
+            count += 1
     print(f"wrote {count} configs under {ROOT}")
 
 

@@ -296,3 +296,22 @@ def test_the_results_table_gives_each_ablation_its_row_and_dashes_what_a_static_
     assert rows["FedMosaic without the gate"][5] == "–"  # no forgetting in a static scenario
     assert rows["FedMosaic without the gate"][-3] == "100.0"  # 2 MB over 20 rounds: 100 kB a round
     assert rows["FedMosaic without the gate"][-2] == "0.80"  # RELA against the truth
+
+
+def test_fedmosaics_table_configs_are_the_scripts_and_load(tmp_path, monkeypatch):
+    from conftest import assert_written_as_shipped, benchmark_script
+
+    script = benchmark_script("make_fedmosaic_runs")
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    script.main()
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "fedmosaic_runs"
+    written = assert_written_as_shipped(tmp_path, shipped)
+    for scenario in script.SCENARIOS:
+        assert {p.stem for p in written if p.parts[0] == scenario} >= set(script.METHODS)
+    settings = {**script.ABLATIONS, **script.VARIANTS}
+    assert {p.stem for p in written if p.parts[0] in ("ablations", "variants")} == set(settings)
+    for path in written:
+        config = load_config(shipped / path)  # validates every key, the method's too
+        if path.parts[0] in ("ablations", "variants"):
+            assert config.data.options["scenario"].endswith("sizes_dynamic.yaml")
+            assert all(config.algorithm[key] == value for key, value in settings[path.stem].items())
