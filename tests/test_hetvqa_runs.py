@@ -315,3 +315,5 @@ def test_fedmosaics_table_configs_are_the_scripts_and_load(tmp_path, monkeypatch
         if path.parts[0] in ("ablations", "variants"):
             assert config.data.options["scenario"].endswith("sizes_dynamic.yaml")
             assert all(config.algorithm[key] == value for key, value in settings[path.stem].items())
+    table = benchmark_script("hetvqa_table")
+    assert set(settings) | set(script.METHODS) <= set(table.ORDER) & set(table.LABEL)  # every row named
