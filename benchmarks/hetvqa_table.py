@@ -1,7 +1,8 @@
-"""Print docs/results.md's HetVQA table (Self, worst client, Others, forgetting, fast adaptation, bytes,
-seconds, and for FedMosaic Pearson's r between its last RELA weights and the scenario's true
-relatedness over client pairs) as mean ± std over seeds from run folders or committed records
-(folders with summary.json).
+"""Print docs/results.md's HetVQA table (Self, worst client, Others, forgetting, fast adaptation, the
+dual-adapter methods' mean gate share of the global module on their own test inputs, bytes, seconds,
+and for FedMosaic Pearson's r between its last RELA weights and the scenario's true relatedness over
+client pairs) as mean ± std over seeds from run folders or committed records (folders with
+summary.json).
 
     .venv/bin/python benchmarks/hetvqa_table.py docs/records/hetvqa/homo_dynamic
     .venv/bin/python benchmarks/hetvqa_table.py runs/fedmosaic/ablations
@@ -38,7 +39,7 @@ LABEL = {"sft": "Local (SFT)", "fedit": "FedIT", "ditto_lora": "Ditto", "fedsim"
 MEASURES = {"Self": "personalized_acc_mean", "worst client": "personalized_acc_worst10", "Others": "others_mean",
             "forgetting": "forgetting_mean", "new type zero-shot": "zeroshot_new_type_mean",
             "new type adapted": "adapt_new_type_mean", "new domain zero-shot": "zeroshot_new_domain_mean",
-            "new domain adapted": "adapt_new_domain_mean"}
+            "new domain adapted": "adapt_new_domain_mean", "global share": "global_share_mean"}
 
 
 def collect(records: Path | list[Path], earlier: Path | None) -> dict[str, dict[int, dict[str, float]]]:
@@ -78,8 +79,8 @@ def cell(values: list[float], digits: int = 1) -> str:
 
 def markdown(table: dict[str, dict[int, dict[str, float]]]) -> str:
     lines = ["| method | seeds | Self | worst client | Others | forgetting | new type: zero-shot → adapted "
-             "| new domain: zero-shot → adapted | MB up per client | kB up per client and round | RELA ~ truth (r) | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| new domain: zero-shot → adapted | gate's global share % | MB up per client | kB up per client and round | RELA ~ truth (r) | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in [m for m in ORDER if m in table] + sorted(set(table) - set(ORDER)):
         seeds = table[method]
 
@@ -92,7 +93,7 @@ def markdown(table: dict[str, dict[int, dict[str, float]]]) -> str:
             f"| {cell(values('worst client'))} | {cell(values('Others'))} | {cell(values('forgetting'))} "
             f"| {cell(values('new type zero-shot'))} → {cell(values('new type adapted'))} "
             f"| {cell(values('new domain zero-shot'))} → {cell(values('new domain adapted'))} "
-            f"| {cell(values('MB up'), 2)} | {cell(values('kB up per round'), 1)} | {cell(values('RELA r'), 2)} "
+            f"| {cell(values('global share'))} | {cell(values('MB up'), 2)} | {cell(values('kB up per round'), 1)} | {cell(values('RELA r'), 2)} "
             f"| {cell(minutes)} |")
     return "\n".join(lines)
 

@@ -110,6 +110,9 @@ def test_a_run_draws_rela_weights_beside_the_scenarios_relatedness(tmp_path):
     weights = np.array(rela["values"])
     assert weights.shape == (3, 3) and np.allclose(np.diag(weights), 0) and np.allclose(weights.sum(1), 1)
     assert rela["truth_correlation"] == pytest.approx(off_diagonal_correlation(weights, truth))
+    # and how much of its personal global module each client's gate takes, on its own test inputs
+    final = summary["final"]
+    assert 0 < final["global_share_worst10"] <= final["global_share_mean"] < 1
 
 
 def test_the_correlation_with_the_truth_reads_the_pairs_of_distinct_clients_only():

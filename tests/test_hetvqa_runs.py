@@ -19,7 +19,7 @@ from hetpfl.engine import run_rounds
 from hetpfl.experiment import load_config, prepare, run_experiment
 from hetpfl.messages import Message
 from hetpfl.models import build_model
-from hetpfl.models.lora import adapter_mix, add_lora, lora_layers
+from hetpfl.models.lora import adapter_mix, add_lora, gate_shares, lora_layers
 from hetpfl.simulator import InProcessTransport
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -159,6 +159,38 @@ def test_adapter_mix_picks_one_adapter_or_a_per_sample_share():
         mixed = model(x)
     assert torch.allclose(mixed[0], only_global[0]) and torch.allclose(mixed[1], only_local[1])
     assert all(layer.mix is None for layer in lora_layers(model).values())  # restored after the block
+
+
+def test_gate_shares_record_the_global_modules_share_of_every_pass():
+    torch.manual_seed(0)
+    scalar = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    add_lora(scalar, rank=2, dual=True, scope="")
+    first, second = lora_layers(scalar).values()
+    with torch.no_grad():
+        first.beta.fill_(2.0)
+        second.beta.fill_(-1.0)
+    x = torch.randn(3, 6)
+    with gate_shares(scalar) as shares:
+        scalar(x)
+    assert torch.allclose(torch.cat(shares), torch.sigmoid(torch.tensor([2.0, -1.0])))
+    with gate_shares(scalar) as shares, adapter_mix(scalar, 0.2):  # a fixed share is what is recorded
+        scalar(x)
+    assert torch.allclose(torch.cat(shares), torch.full((2,), 0.2))
+    assert all(layer.shares is None for layer in lora_layers(scalar).values())  # off after the block
+    per_sample = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    add_lora(per_sample, rank=2, dual=True, gate="input", gate_noise=False, scope="")
+    layer = next(iter(lora_layers(per_sample).values()))
+    with torch.no_grad():
+        layer.w_gate.normal_()
+    per_sample.eval()
+    with gate_shares(per_sample) as shares:
+        per_sample(x)
+    assert torch.allclose(torch.cat(shares), torch.sigmoid(x @ layer.w_gate))  # one value a sample
+    single = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    add_lora(single, rank=2, scope="")
+    with gate_shares(single) as shares:
+        single(x)
+    assert shares == []
 
 
 def test_fedsim_combinations_differ_but_both_start_as_the_base_model():

@@ -29,7 +29,7 @@ from ..learn.loop import Objective, optimize
 from ..learn.vlm import answer_loss, answer_scores, example_batches, memory_batches, mixed_answer_loss
 from ..messages import Message, Schema, StageSchema
 from ..models import ModuleSpec
-from ..models.lora import adapter_state, load_adapter_state, trainable_parameters
+from ..models.lora import adapter_state, gate_shares, load_adapter_state, trainable_parameters
 from .base import EVALUATE_SCHEMA, MAIN_SLOT, Client, ClientContext, weight_fields
 from .weights import weighted_average
 
@@ -40,13 +40,14 @@ ADAPTATION_SCALARS = tuple(f"{when}_{kind}" for kind in UNSEEN_KINDS for when in
 VQA_EVALUATE = StageSchema(
     down=EVALUATE_SCHEMA.down,
     up=Schema(scalars={**EVALUATE_SCHEMA.up.scalars, "others": float, "token_f1": float, "forgetting": float,
-                       **{name: float for name in ADAPTATION_SCALARS}},
+                       "global_share": float, **{name: float for name in ADAPTATION_SCALARS}},
               arrays=dict(EVALUATE_SCHEMA.up.arrays),
               # undefined ones are left out: Others before any other client met a task of its own,
-              # forgetting before a task switch, fast adaptation before the last round
-              optional=EVALUATE_SCHEMA.up.optional | {"others", "forgetting", *ADAPTATION_SCALARS},
-              # scores are shares of examples; forgetting is a drop between two of them
-              scalar_bounds={**{name: (0.0, 1.0) for name in ("others", "token_f1", *ADAPTATION_SCALARS)},
+              # forgetting before a task switch, fast adaptation before the last round, the global
+              # module's share for a model without dual adapters
+              optional=EVALUATE_SCHEMA.up.optional | {"others", "forgetting", "global_share", *ADAPTATION_SCALARS},
+              # scores and the gate's share are fractions; forgetting is a drop between two scores
+              scalar_bounds={**{name: (0.0, 1.0) for name in ("others", "token_f1", "global_share", *ADAPTATION_SCALARS)},
                              "forgetting": (-1.0, 1.0)}),
 )
 #: Adapters down (the server's) and up (the client's), with the client's example count.
@@ -181,7 +182,8 @@ def vqa_evaluation(model: nn.Module, ctx: ClientContext, lr_scales: Mapping[int,
     when no other client has met a task this one does not train on. ``lr_scales``: the method's own
     learning-rate factors, for the fast adaptation (:func:`fast_adaptation`)."""
     store = ctx.examples.store
-    em, f1, nll = _score(model, store, ctx.test)
+    with gate_shares(model) as shares:
+        em, f1, nll = _score(model, store, ctx.test)
     others = _score(model, store, ctx.examples.others)[0]
     correct = np.bincount(ctx.test.task, weights=em, minlength=ctx.num_tasks)
     count = np.bincount(ctx.test.task, minlength=ctx.num_tasks)
@@ -194,6 +196,8 @@ def vqa_evaluation(model: nn.Module, ctx: ClientContext, lr_scales: Mapping[int,
                "num_examples": len(ctx.test), "token_f1": float(f1.mean())}
     if others.size:
         scalars["others"] = float(others.mean())
+    if shares:  # dual adapters: the mean share β̃ of the global module on the client's own test inputs
+        scalars["global_share"] = float(torch.cat(shares).mean())
     if earlier.size:
         scalars["forgetting"] = float(np.mean(best[earlier] - accuracy[earlier]))
     if ctx.examples.adaptation_steps:

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from ..configuration import Validated, option
 from ..rng import derive_seed
 
-__all__ = ["ADAPTERS", "GATES", "LoRALinear", "LoRAOptions", "PQAdapter", "PQBasis", "pq_bases", "set_pq_bases", "target_layers", "adapter_mix", "adapter_parameters", "add_lora", "adapter_state", "load_adapter_state", "lora_layers",
-           "trainable_parameters"]
+__all__ = ["ADAPTERS", "GATES", "LoRALinear", "LoRAOptions", "PQAdapter", "PQBasis", "pq_bases", "set_pq_bases", "target_layers", "adapter_mix", "adapter_parameters", "add_lora", "adapter_state", "gate_shares", "load_adapter_state",
+           "lora_layers", "trainable_parameters"]
 
 #: The adapters of a dual layer: ``local`` (trained, uploaded) and ``global`` (received, frozen).
 ADAPTERS = ("local", "global")
@@ -132,6 +132,7 @@ class LoRALinear(nn.Module):
         self.gate_kind = gate if dual else None
         self.gate_noise = gate_noise
         self.mix: Tensor | None = None  # a fixed global share (adapter_mix), else the gate decides
+        self.shares: list[Tensor] | None = None  # β̃ of every forward pass, while gate_shares records
         if dual:
             self.adapters["global"].requires_grad_(False)
             if gate == "scalar":
@@ -180,6 +181,8 @@ class LoRALinear(nn.Module):
         if self.gate_kind is None:
             return self.base(x) + self.scale * self.update("local", h)
         beta = self.gate(x)
+        if self.shares is not None:
+            self.shares.append(beta.detach().reshape(-1))
         mixed = beta * self.update("global", h) + (1 - beta) * self.update("local", h)
         return self.base(x) + self.scale * mixed
 
@@ -245,6 +248,22 @@ def adapter_mix(model: nn.Module, share: float | Tensor) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.mix = None
+
+
+@contextmanager
+def gate_shares(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Within the block, every dual layer of ``model`` records the global adapter's share β̃ of each
+    forward pass (one value per sample, or one per pass for a scalar gate or a fixed share) into the
+    yielded list — how much of the global module the model uses. Empty for a model without dual layers."""
+    layers = [layer for layer in lora_layers(model).values() if layer.gate_kind is not None]
+    shares: list[Tensor] = []
+    for layer in layers:
+        layer.shares = shares
+    try:
+        yield shares
+    finally:
+        for layer in layers:
+            layer.shares = None
 
 
 def target_layers(depth: int, num_blocks: int) -> list[int]:
