@@ -9,6 +9,14 @@ The paper's claim reads off the last row of each block: Mosaic above every basel
 the gap growing as α shrinks; the gap is also given seed by seed against the same baseline (each seed
 is one partition, shared by every method), with on how many seeds Mosaic is above. Mosaic's teacher
 (``teacher_test_acc``, scored once right after the distillation) is shown in brackets.
+
+``--ablations`` prints the ablation table instead: each variant under the given folder
+(``<variant>/seed<S>``) beside the full run (``--full``, the table's MNIST α 0.1 Mosaic), with the
+teacher and the global model right after the distillation, the final global model, and the final
+difference to the full run seed by seed (same partitions):
+
+    .venv/bin/python benchmarks/mosaic_table.py --ablations docs/records/mosaic/ablations \
+        --full docs/records/mosaic/mnist/a0.1/homogeneous/mosaic
 """
 
 from __future__ import annotations
@@ -27,16 +35,22 @@ ORDER = {"homogeneous": ["mosaic", "dense", "fedftg", "fedgen", "fedavg", "fedpr
          "widths": ["mosaic", "dfrd", "fedrolex", "heterofl"]}
 
 
-def teacher_accuracy(run: Path) -> float | None:
-    """Mosaic's teacher on the test set, from its metrics (records keep no metrics: None there)."""
+def distillation_round(run: Path) -> dict[str, float]:
+    """Mosaic's teacher and global model on the test set in the round of the distillation, in percent
+    (``teacher``, ``global``), from its metrics; empty where the folder keeps none."""
     metrics = run / "metrics.jsonl"
     if not metrics.exists():
-        return None
+        return {}
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
         if "teacher_test_acc" in row:
-            return 100 * row["teacher_test_acc"]
-    return None
+            return {"teacher": 100 * row["teacher_test_acc"], "global": 100 * row["global_test_acc"]}
+    return {}
+
+
+def teacher_accuracy(run: Path) -> float | None:
+    """Mosaic's teacher on the test set, from its metrics (None where the folder keeps none)."""
+    return distillation_round(run).get("teacher")
 
 
 def collect(roots: list[Path]) -> dict[tuple[str, str], dict[float, dict[int, float]]]:
@@ -78,10 +92,48 @@ def cell(by_seed: dict[int, float]) -> str:
     return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
 
 
+def collect_ablations(root: Path, full: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """{variant: {measure: {seed: value}}} for every ``<variant>/seed<S>`` under ``root`` and the full
+    run's seeds (variant ``full``); measures: ``teacher`` and ``global`` in the distillation round,
+    ``final`` global test-set accuracy (percent) and ``minutes``."""
+    table: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for variant, run in [*(("full", r) for r in find_runs([full])), *((r.parent.name, r) for r in find_runs([root]))]:
+        summary = load_summary(run)
+        seed = summary["seed"]
+        table[variant]["final"][seed] = 100 * summary["final"]["global_test_acc"]
+        table[variant]["minutes"][seed] = summary["wall_time_s"] / 60
+        for measure, value in distillation_round(run).items():
+            table[variant][measure][seed] = value
+    return table
+
+
+def ablation_markdown(table: dict[str, dict[str, dict[int, float]]]) -> str:
+    full = table.get("full", {}).get("final", {})
+    lines = ["| variant | seeds | teacher, distillation round % | global, distillation round % | global, final % "
+             "| final − full (by seed) | minutes |", "|---|---|---:|---:|---:|---:|---:|"]
+    for variant in ["full", *sorted(v for v in table if v != "full")]:
+        measures = table[variant]
+        paired = [measures["final"][s] - full[s] for s in sorted(set(measures["final"]) & set(full))]
+        difference = "—" if variant == "full" or not paired else (
+            f"{np.mean(paired):+.1f}" + (f" ± {np.std(paired):.1f}, above on {sum(d > 0 for d in paired)} of {len(paired)}"
+                                          if len(paired) > 1 else ""))
+        lines.append(f"| {variant} | {','.join(map(str, sorted(measures['final'])))} | {cell(measures['teacher'])} "
+                     f"| {cell(measures['global'])} | {cell(measures['final'])} | {difference} | {cell(measures['minutes'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("roots", type=Path, nargs="+", help="runs or records of one dataset (…/<dataset>), one folder or several")
+    parser.add_argument("roots", type=Path, nargs="+", help="runs or records of one dataset (…/<dataset>), one folder or several;"
+                                                           " with --ablations, the ablations' folder")
+    parser.add_argument("--ablations", action="store_true", help="print the ablation table (module docstring)")
+    parser.add_argument("--full", type=Path, help="with --ablations: the full Mosaic run's folder (its seed<S> runs)")
     args = parser.parse_args()
+    if args.ablations:
+        if args.full is None or len(args.roots) != 1:
+            parser.error("--ablations takes one folder of ablations and --full FOLDER")
+        print(ablation_markdown(collect_ablations(args.roots[0], args.full)))
+        return
     table = collect(args.roots)
     alphas = sorted({a for per in table.values() for a in per})
     for models, methods in ORDER.items():

@@ -229,3 +229,28 @@ def test_the_table_gives_mosaics_gap_seed_by_seed_against_the_best_baseline(tmp_
                       [table[("homogeneous", m)][0.1] for m in ("fedavg", "fedprox")])
     # the best baseline is fedavg (60); Mosaic − fedavg by seed: −10, +10, +30
     assert text == "+10.0 (by seed +10.0 ± 16.3, above on 2 of 3)"
+
+
+def test_the_ablation_table_pairs_each_variant_with_the_full_run_seed_by_seed(tmp_path):
+    from conftest import benchmark_script
+
+    script = benchmark_script("mosaic_table")
+
+    def write(folder: Path, seed: int, final: float, teacher: float, distilled: float) -> None:
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"seed": seed, "wall_time_s": 600.0,
+                                                         "final": {"global_test_acc": final}}))
+        rows = [{"round": 13}, {"round": 14, "teacher_test_acc": teacher, "global_test_acc": distilled}]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    for seed, final in enumerate((0.90, 0.80)):
+        write(tmp_path / "full" / f"seed{seed}", seed, final, 0.70, 0.75)
+    for seed, final in enumerate((0.85, 0.82)):
+        write(tmp_path / "ablations" / "no_meta_model" / f"seed{seed}", seed, final, 0.80 + seed / 10, 0.84)
+    table = script.collect_ablations(tmp_path / "ablations", tmp_path / "full")
+    assert table["no_meta_model"]["teacher"] == pytest.approx({0: 80.0, 1: 90.0})
+    assert table["full"]["global"] == pytest.approx({0: 75.0, 1: 75.0})
+    text = script.ablation_markdown(table)
+    # final − full by seed: 85 − 90 = −5, 82 − 80 = +2
+    assert "| no_meta_model | 0,1 | 85.0 ± 5.0 | 84.0 ± 0.0 | 83.5 ± 1.5 | -1.5 ± 3.5, above on 1 of 2 | 10.0 ± 0.0 |" in text
+    assert text.splitlines()[2].startswith("| full | 0,1 | 70.0 ± 0.0 | 75.0 ± 0.0 | 85.0 ± 5.0 | — |")
