@@ -13,8 +13,8 @@ from conftest import small_config
 
 from hetpfl.algorithms.fedavg import FedAvgClient
 from hetpfl.experiment import run_experiment
-from hetpfl.learn import OptimOptions, fit
-from hetpfl.learn.stacked import FitJob, StackedModel, fit_many, stack_signature
+from hetpfl.learn import OptimOptions, distill, fit, predict_logits
+from hetpfl.learn.stacked import FitJob, StackedModel, fit_many, predict_many, stack_signature
 from hetpfl.models import build_model
 
 SIZES = [40, 70, 100, 9, 64]  # unequal: clients run out of batches at different steps (masked)
@@ -87,6 +87,49 @@ def test_the_stacked_forward_is_each_models_forward():
         stacked = StackedModel(models)(batch)
         for c, model in enumerate(models):
             torch.testing.assert_close(stacked[c], model(batch[c]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("cnn_small", (1, 8, 8))])
+@pytest.mark.parametrize("loss", ["l1_logits", "kl"])
+def test_distillation_jobs_end_where_distill_takes_each_model(arch, shape, loss):
+    models, xs, _ = _clients(arch, shape)
+    rng = np.random.default_rng(1)
+    targets = [rng.normal(size=(len(x), 10)).astype(np.float32) for x in xs]
+    if loss == "kl":  # probability rows
+        targets = [np.exp(t) / np.exp(t).sum(1, keepdims=True) for t in targets]
+    optim = OptimOptions(lr=3e-3, max_grad_norm=1.0)
+    one_by_one, stacked = [copy.deepcopy(m) for m in models], [copy.deepcopy(m) for m in models]
+    expected = [distill(m, x, t, epochs=2, optim=optim, loss=loss, generator=torch.Generator().manual_seed(i))
+                for i, (m, x, t) in enumerate(zip(one_by_one, xs, targets))]
+    got = fit_many([FitJob(m, x, t, torch.Generator().manual_seed(i), epochs=2, loss=loss)
+                    for i, (m, x, t) in enumerate(zip(stacked, xs, targets))], optim=optim)
+    for ours, theirs in zip(got, expected):
+        assert ours["steps"] == theirs["steps"] and ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+    for a, b, before in zip(stacked, one_by_one, models):
+        for ours, theirs, start in zip(a.state_dict().values(), b.state_dict().values(), before.state_dict().values()):
+            torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-3)
+            assert not torch.equal(ours, start)
+    with pytest.raises(ValueError, match="share a loss"):
+        fit_many([FitJob(models[0], xs[0], targets[0], torch.Generator(), loss=loss),
+                  FitJob(models[1], xs[1], targets[1], torch.Generator())])
+
+
+def test_predictions_of_a_group_are_each_models_own():
+    models, xs, _ = _clients("cnn_small", (1, 8, 8))
+    inputs = np.concatenate(xs * 3)[:600]  # more than one chunk of 512
+    for ours, model in zip(predict_many(models, inputs), models):
+        assert ours.dtype == np.float32 and ours.shape == (600, 10)
+        np.testing.assert_allclose(ours, predict_logits(model, inputs), atol=1e-5, rtol=1e-5)
+    assert [p.shape for p in predict_many(models, inputs[:0])] == [(0, 0)] * len(models)
+
+
+def test_a_batched_fedmd_run_stacks_its_stages_and_is_deterministic(tmp_path):
+    config = small_config("fedmd", **{"models.clients": "[mlp, cnn_small]", "runtime.executor": "batched"})
+    first = run_experiment(config, tmp_path / "a")
+    run_experiment(config, tmp_path / "b")
+    # two groups (mlp, cnn_small), two stages a round (communicate, digest_revisit), two rounds
+    assert first["batched_groups"] == 8
+    assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
 
 
 def _rows(out):

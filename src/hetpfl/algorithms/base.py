@@ -427,20 +427,29 @@ def train_locally(ctx: ClientContext, epochs: float | None = None, *, model: nn.
     )
 
 
-def train_locally_many(ctxs: Sequence[ClientContext]) -> list[dict[str, float]] | None:
-    """:func:`train_locally` with its defaults for a group of clients at once (the batched
-    executor): their ``model`` slots trained as one stacked model (:func:`hetpfl.learn.fit_many`).
-    None, with nothing trained, when the group cannot be stacked (another architecture than a
-    plain stack of linear, conv and pooling layers, or clients with different training options);
-    the caller then trains them one by one."""
-    from ..learn.stacked import FitJob, fit_many, stack_signature  # noqa: PLC0415
+def stackable(ctxs: Sequence[ClientContext]) -> bool:
+    """Whether a group's ``model`` slots can run as one stacked model (the batched executor): one
+    stackable architecture (a plain stack of linear, conv and pooling layers on small inputs) and
+    the same training options."""
+    from ..learn.stacked import stack_signature  # noqa: PLC0415
 
     signatures = {stack_signature(ctx.model) for ctx in ctxs}
-    if len({ctx.training for ctx in ctxs}) != 1 or len(signatures) != 1 or None in signatures:
+    return len({ctx.training for ctx in ctxs}) == 1 and len(signatures) == 1 and None not in signatures
+
+
+def train_locally_many(ctxs: Sequence[ClientContext], epochs: float | None = None) -> list[dict[str, float]] | None:
+    """:func:`train_locally` with its defaults (``epochs`` as it takes them) for a group of clients at
+    once (the batched executor): their ``model`` slots trained as one stacked model
+    (:func:`hetpfl.learn.fit_many`). None, with nothing trained, when the group is not
+    :func:`stackable`; the caller then trains them one by one."""
+    from ..learn.stacked import FitJob, fit_many  # noqa: PLC0415
+
+    if not stackable(ctxs):
         return None
     training = ctxs[0].training
-    jobs = [FitJob(ctx.model, ctx.train.x, ctx.train.y, ctx.generator("fit"), epochs=training.local_epochs,
-                   steps=training.local_steps) for ctx in ctxs]
+    jobs = [FitJob(ctx.model, ctx.train.x, ctx.train.y, ctx.generator("fit"),
+                   epochs=training.local_epochs if epochs is None else epochs,
+                   steps=training.local_steps if epochs is None else None) for ctx in ctxs]
     return fit_many(jobs, batch_size=training.batch_size, optim=training.optim(), augment=training.augment)
 
 
@@ -464,6 +473,7 @@ __all__ = [
     "ServerSetup",
     "default_client_modules",
     "evaluation_reply",
+    "stackable",
     "train_locally",
     "train_locally_many",
     "weight_fields",

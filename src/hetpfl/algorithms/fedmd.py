@@ -15,14 +15,16 @@ every client, while averaged scores keep the consensus' confidence.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..configuration import Validated, option
 from ..learn import DISTILL_LOSSES, distill, predict_logits
+from ..learn.stacked import FitJob, fit_many, predict_many
 from ..messages import ArrayField, Message, Schema, StageSchema
-from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, train_locally
+from .base import AlgorithmSpec, Client, ClientContext, Comm, Server, stackable, train_locally, train_locally_many
 from .robust import combine_rows
 
 
@@ -83,6 +85,43 @@ class FedMDClient(Client):
         )
         train_locally(ctx)
         return Message()
+
+    # The batched executor: a group of same-architecture clients, each stage as one stacked model
+    # (``learn.stacked``), each client with its own batches, streams and optimizer, as above.
+
+    def communicate_many(self, messages: Mapping[int, Message], ctxs: Mapping[int, ClientContext]
+                         ) -> dict[int, Message] | None:
+        """``communicate`` for a group at once; None (the group then goes client by client) when its
+        models do not stack or the clients are asked about different public inputs."""
+        group = list(ctxs.values())
+        subsets = {messages[c].arrays["public_idx"].tobytes() for c in ctxs}
+        if type(self).communicate is not FedMDClient.communicate or not stackable(group) or len(subsets) != 1:
+            return None
+        fresh = [ctx for ctx in group if not ctx.state.get("pretrained")]
+        if fresh:
+            train_locally_many(fresh, epochs=self.config.pretrain_epochs)
+            for ctx in fresh:
+                ctx.state["pretrained"] = True
+        inputs = group[0].public_inputs[next(iter(messages.values())).arrays["public_idx"]]
+        scores = predict_many([ctx.model for ctx in group], inputs)
+        return {c: Message({"scores": s}) for c, s in zip(ctxs, scores)}
+
+    def digest_revisit_many(self, messages: Mapping[int, Message], ctxs: Mapping[int, ClientContext]
+                            ) -> dict[int, Message] | None:
+        """``digest_revisit`` for a group at once (None as for :meth:`communicate_many`)."""
+        group = list(ctxs.values())
+        if type(self).digest_revisit is not FedMDClient.digest_revisit or not stackable(group):
+            return None
+        jobs = []
+        for client, ctx in ctxs.items():
+            consensus = messages[client].arrays["consensus"]
+            if self.config.digest_loss == "kl":
+                consensus = softmax(consensus / self.config.temperature)
+            jobs.append(FitJob(ctx.model, ctx.public_inputs[messages[client].arrays["public_idx"]], consensus,
+                               ctx.generator("digest"), epochs=self.config.distill_epochs, loss=self.config.digest_loss))
+        fit_many(jobs, batch_size=self.config.distill_batch_size, optim=group[0].training.optim(self.config.distill_lr))
+        train_locally_many(group)
+        return {c: Message() for c in ctxs}
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

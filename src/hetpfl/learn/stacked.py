@@ -1,10 +1,13 @@
-"""Many same-architecture models trained as one (the ``batched`` executor's local training).
+"""Many same-architecture models trained as one (the ``batched`` executor's local training,
+distillation and predictions).
 
 Small models on small batches are overhead-bound on a CPU: a step of one client's ``mlp`` or
 ``cnn_small`` spends most of its time outside the arithmetic. :func:`fit_many` trains a group of
 clients' models as one stacked model — linear layers as batched matrix products over the client
 dimension, convolutions as one grouped convolution (``groups`` = clients) — so each step is a few
-large kernels instead of many small ones.
+large kernels instead of many small ones. The same loop distills (a job's ``loss``: one of
+:func:`hetpfl.learn.distill`'s per-sample losses on target rows), and :func:`predict_many` gives
+every model's class scores on shared inputs in one pass.
 
 What each client gets is what :func:`hetpfl.learn.fit` gives it, up to the order of float sums:
 its own batches and augmentation from its own random stream (drawn in the same order), its own
@@ -19,7 +22,7 @@ trains it one client at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +33,7 @@ from torch import nn
 from ..models.base import AddChannel, HetModel
 from .batches import IndexBatches
 from .loop import _mean
+from .losses import PER_SAMPLE_DISTILL
 from .options import OptimOptions
 from .tensors import as_input_tensor, as_tensor, augment_batch, check_augment
 
@@ -184,7 +188,10 @@ class StackedOptimizer:
 
 @dataclass(frozen=True)
 class FitJob:
-    """One client's share of :func:`fit_many`: what :func:`hetpfl.learn.fit` would be called with."""
+    """One client's share of :func:`fit_many`: what :func:`hetpfl.learn.fit` would be called with
+    (``loss="cross_entropy"``, ``y`` integer labels), or :func:`hetpfl.learn.distill` (``loss`` one of
+    its per-sample losses, ``y`` the target rows as it uses them: logits for ``l1_logits``,
+    sharpened probabilities for ``kl``)."""
 
     model: nn.Module
     x: np.ndarray
@@ -192,18 +199,33 @@ class FitJob:
     generator: torch.Generator
     epochs: float = 1.0
     steps: int | None = None
+    loss: str = "cross_entropy"
+
+
+def _per_sample_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if kind == "cross_entropy":
+        return lambda logits, labels: F.cross_entropy(logits, labels, reduction="none")
+    if kind not in PER_SAMPLE_DISTILL:
+        raise ValueError(f"fit_many: loss={kind!r} is not supported (allowed: cross_entropy, {', '.join(PER_SAMPLE_DISTILL)})")
+    return PER_SAMPLE_DISTILL[kind]
 
 
 def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOptions = OptimOptions(),
              augment: str = "none") -> list[dict[str, float]]:
-    """Supervised cross-entropy training of every job's model at once, each as ``fit`` trains it
-    (same batches, same augmentation draws, same optimizer, float sums in another order). The
-    models must share one :func:`stack_signature`. Returns ``fit``'s result for each job."""
+    """Train every job's model at once, each as ``fit`` (or ``distill``, by the jobs' ``loss``) trains
+    it (same batches, same augmentation draws, same optimizer, float sums in another order). The
+    models must share one :func:`stack_signature` and the jobs one loss. Returns ``fit``'s result for
+    each job."""
     check_augment(augment)
+    kinds = {job.loss for job in jobs}
+    if len(kinds) > 1:
+        raise ValueError(f"fit_many: the jobs of one group share a loss, not {sorted(kinds)}")
+    per_sample_loss = _per_sample_loss(kinds.pop() if kinds else "cross_entropy")
     models = [job.model for job in jobs]
     stacked = StackedModel(models)
     optimizer = StackedOptimizer(list(stacked.weights), optim, len(jobs))
-    data = [(as_input_tensor(job.x), as_tensor(job.y, np.int64)) for job in jobs]
+    data = [(as_input_tensor(job.x), as_tensor(job.y, np.int64 if job.loss == "cross_entropy" else np.float32))
+            for job in jobs]
     sources = [IndexBatches(len(x), batch_size, epochs=job.epochs, steps=job.steps, generator=job.generator)
                for job, (x, _) in zip(jobs, data)]
     counts = [len(source) for source in sources]
@@ -213,7 +235,7 @@ def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOption
     for step in range(max(counts, default=0)):
         active = [c for c, count in enumerate(counts) if step < count]  # the others are done: masked
         inputs = torch.zeros(n, width, *data[0][0].shape[1:], dtype=data[0][0].dtype)
-        labels = torch.zeros(n, width, dtype=torch.int64)
+        labels = torch.zeros(n, width, *data[0][1].shape[1:], dtype=data[0][1].dtype)
         weights = torch.zeros(n, width)
         for c in active:
             (x, y), idx = data[c], next(iterators[c])
@@ -221,7 +243,7 @@ def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOption
             labels[c, : len(idx)] = y[idx]
             weights[c, : len(idx)] = 1.0 / len(idx)
         logits = stacked(inputs)
-        per_sample = F.cross_entropy(logits.reshape(n * width, -1), labels.reshape(-1), reduction="none")
+        per_sample = per_sample_loss(logits.reshape(n * width, -1), labels.reshape(n * width, *labels.shape[2:]))
         per_client = (per_sample.reshape(n, width) * weights).sum(1)  # each client's batch mean
         for p in stacked.weights:
             p.grad = None
@@ -234,4 +256,20 @@ def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOption
     return [{"loss": _mean(ls), "steps": count} for ls, count in zip(losses, counts)]
 
 
-__all__ = ["MAX_INPUT_AREA", "STACKABLE", "FitJob", "StackedModel", "StackedOptimizer", "fit_many", "stack_signature"]
+@torch.no_grad()
+def predict_many(models: Sequence[nn.Module], x: np.ndarray, batch_size: int = 512) -> list[np.ndarray]:
+    """:func:`hetpfl.learn.predict_logits` of every model on the same inputs at once: each model's raw
+    class scores (float32) in input order, up to float summation order. The models must share one
+    :func:`stack_signature`."""
+    stacked, n = StackedModel(models), len(models)
+    xt = as_input_tensor(x)
+    chunks = [stacked(xt[i : i + batch_size].unsqueeze(0).expand(n, *xt[i : i + batch_size].shape))
+              for i in range(0, len(xt), batch_size)]
+    if not chunks:
+        return [np.zeros((0, 0), np.float32) for _ in models]
+    logits = torch.cat(chunks, dim=1).float()
+    return [logits[c].numpy().astype(np.float32) for c in range(n)]
+
+
+__all__ = ["MAX_INPUT_AREA", "STACKABLE", "FitJob", "StackedModel", "StackedOptimizer", "fit_many", "predict_many",
+           "stack_signature"]
