@@ -33,6 +33,7 @@ HETPFL = [sys.executable, "-m", "hetpfl.cli"]
 VARIANTS = {
     "today (sequential, reference kernels)": ["runtime.executor=sequential", "runtime.kernels=reference"],
     "sequential, fast kernels": ["runtime.executor=sequential", "runtime.kernels=fast"],
+    "batched, fast kernels": ["runtime.executor=batched", "runtime.kernels=fast"],
     "processes, fast kernels": ["runtime.executor=processes", "runtime.kernels=fast"],
     "flower-sim, reference kernels": ["runtime.name=flower-sim", "runtime.kernels=reference"],
     "flower-sim, fast kernels": ["runtime.name=flower-sim", "runtime.kernels=fast"],

@@ -13,8 +13,8 @@ from conftest import small_config
 
 from hetpfl.algorithms.fedavg import FedAvgClient
 from hetpfl.experiment import run_experiment
-from hetpfl.learn import OptimOptions, distill, fit, predict_logits
-from hetpfl.learn.stacked import FitJob, StackedModel, fit_many, predict_many, stack_signature
+from hetpfl.learn import OptimOptions, distill, evaluate, fit, predict_logits
+from hetpfl.learn.stacked import FitJob, StackedModel, evaluate_many, fit_many, predict_many, stack_signature
 from hetpfl.models import build_model
 
 SIZES = [40, 70, 100, 9, 64]  # unequal: clients run out of batches at different steps (masked)
@@ -123,12 +123,29 @@ def test_predictions_of_a_group_are_each_models_own():
     assert [p.shape for p in predict_many(models, inputs[:0])] == [(0, 0)] * len(models)
 
 
+def test_a_group_evaluates_each_model_on_its_own_split():
+    models, xs, ys = _clients("cnn_small", (1, 8, 8))
+    xs, ys = [np.concatenate([x] * 6) for x in xs], [np.concatenate([y] * 6) for y in ys]  # 54 to 600 rows
+    xs[2], ys[2] = xs[2][:0], ys[2][:0]  # one client without test rows
+    groups = [np.arange(len(y)) % 3 for y in ys]
+    got = evaluate_many(models, xs, ys, groups=groups, num_groups=3)
+    for ours, model, x, y, g in zip(got, models, xs, ys, groups):
+        theirs = evaluate(model, x, y, groups=g, num_groups=3)
+        assert ours.keys() == theirs.keys() and ours["n"] == theirs["n"] == len(x)
+        if len(x):
+            assert ours["accuracy"] == theirs["accuracy"] and ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+        else:
+            assert np.isnan(ours["accuracy"]) and np.isnan(theirs["accuracy"])
+        np.testing.assert_array_equal(ours["group_correct"], theirs["group_correct"])
+        np.testing.assert_array_equal(ours["group_count"], theirs["group_count"])
+
+
 def test_a_batched_fedmd_run_stacks_its_stages_and_is_deterministic(tmp_path):
     config = small_config("fedmd", **{"models.clients": "[mlp, cnn_small]", "runtime.executor": "batched"})
     first = run_experiment(config, tmp_path / "a")
     run_experiment(config, tmp_path / "b")
-    # two groups (mlp, cnn_small), two stages a round (communicate, digest_revisit), two rounds
-    assert first["batched_groups"] == 8
+    # two groups (mlp, cnn_small), three stages a round (communicate, digest_revisit, evaluate), two rounds
+    assert first["batched_groups"] == 12
     assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
 
 
@@ -140,7 +157,7 @@ def test_a_batched_fedavg_run_trains_groups_whole_and_is_deterministic(tmp_path)
     config = small_config("fedavg", **{"models.clients": "[mlp]", "runtime.executor": "batched"})
     first = run_experiment(config, tmp_path / "a")
     run_experiment(config, tmp_path / "b")
-    assert first["batched_groups"] == 2  # one group (every client is an mlp), two rounds
+    assert first["batched_groups"] == 4  # one group (every client is an mlp), train and evaluate, two rounds
     assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
 
 
@@ -172,7 +189,7 @@ def test_a_batched_run_resumes_to_the_uninterrupted_batched_records(tmp_path):
     config = small_config("fedavg", rounds=3, **{"models.clients": "[cnn_small]", "runtime.executor": "batched",
                                                  "runtime.checkpoint_every": 1})
     whole = run_experiment(config, tmp_path / "whole")
-    assert whole["batched_groups"] == 3  # one group, three rounds
+    assert whole["batched_groups"] == 6  # one group, train and evaluate, three rounds
 
     def crash_in_round_1(row):
         if row["round"] == 1:

@@ -292,15 +292,33 @@ class Client:
         """The client's own model on its own test split (every algorithm, every round)."""
         return evaluation_reply(ctx.model, ctx.test, ctx.num_tasks)
 
+    def evaluate_many(self, messages: Mapping[int, Message], ctxs: Mapping[int, ClientContext]
+                      ) -> dict[int, Message] | None:
+        """``evaluate`` for a group at once (the batched executor: one stacked model, each client on
+        its own test split); None (client by client) where a method scores another model or the
+        group's models do not stack."""
+        from ..learn.stacked import evaluate_many  # noqa: PLC0415
+
+        group = list(ctxs.values())
+        if type(self).evaluate is not Client.evaluate or not stackable(group):
+            return None
+        num_tasks = group[0].num_tasks
+        results = evaluate_many([ctx.model for ctx in group], [ctx.test.x for ctx in group], [ctx.test.y for ctx in group],
+                                groups=[ctx.test.task for ctx in group] if num_tasks else None, num_groups=num_tasks)
+        return {c: _reply(result) for c, result in zip(ctxs, results)}
+
 
 def evaluation_reply(model: nn.Module, test: ArrayDataset, num_tasks: int = 0) -> Message:
     """The evaluate stage's reply for ``model`` on ``test``, with per-task counts of correct and
     scored samples when the data has tasks (``num_tasks`` > 0)."""
     groups = test.task if num_tasks else None
-    result = evaluate(model, test.x, test.y, groups=groups, num_groups=num_tasks)
+    return _reply(evaluate(model, test.x, test.y, groups=groups, num_groups=num_tasks))
+
+
+def _reply(result: Mapping[str, Any]) -> Message:
     reply = Message(scalars={"accuracy": float(result["accuracy"]), "loss": float(result["loss"]),
                              "num_examples": int(result["n"])})
-    if groups is not None:
+    if "group_correct" in result:
         reply.arrays["task_correct"] = result["group_correct"]
         reply.arrays["task_count"] = result["group_count"]
     return reply

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -271,5 +272,40 @@ def predict_many(models: Sequence[nn.Module], x: np.ndarray, batch_size: int = 5
     return [logits[c].numpy().astype(np.float32) for c in range(n)]
 
 
-__all__ = ["MAX_INPUT_AREA", "STACKABLE", "FitJob", "StackedModel", "StackedOptimizer", "fit_many", "predict_many",
+@torch.no_grad()
+def evaluate_many(models: Sequence[nn.Module], xs: Sequence[np.ndarray], ys: Sequence[np.ndarray],
+                  batch_size: int = 512, *, groups: Sequence[np.ndarray] | None = None,
+                  num_groups: int = 0) -> list[dict[str, Any]]:
+    """:func:`hetpfl.learn.evaluate` of every model on its own (x, y) (and ``groups``) at once, the
+    same keys, up to float summation order: each chunk of the longest set is one stacked pass,
+    shorter sets padded. The models must share one :func:`stack_signature`."""
+    stacked, n = StackedModel(models), len(models)
+    data = [(as_input_tensor(x), as_tensor(y, np.int64)) for x, y in zip(xs, ys)]
+    hits: list[list[torch.Tensor]] = [[] for _ in models]
+    loss_sums = [0.0] * n
+    longest = max((len(x) for x, _ in data), default=0)
+    for i in range(0, longest, batch_size):
+        inputs = torch.zeros(n, min(batch_size, longest - i), *data[0][0].shape[1:], dtype=data[0][0].dtype)
+        for c, (x, _) in enumerate(data):
+            inputs[c, : len(x[i : i + batch_size])] = x[i : i + batch_size]
+        logits = stacked(inputs)
+        for c, (_, y) in enumerate(data):
+            k = len(y[i : i + batch_size])
+            if k:
+                loss_sums[c] += F.cross_entropy(logits[c, :k], y[i : i + k], reduction="sum").item()
+                hits[c].append(logits[c, :k].argmax(-1) == y[i : i + k])
+    out: list[dict[str, Any]] = []
+    for c, (x, _) in enumerate(data):
+        hit = torch.cat(hits[c]).numpy() if hits[c] else np.zeros(0, dtype=bool)
+        result: dict[str, Any] = ({"accuracy": int(hit.sum()) / len(x), "loss": loss_sums[c] / len(x), "n": int(len(x))}
+                                  if len(x) else {"accuracy": float("nan"), "loss": float("nan"), "n": 0})
+        if groups is not None:
+            ids = np.asarray(groups[c], dtype=np.int64)
+            result["group_correct"] = np.bincount(ids, weights=hit, minlength=num_groups).astype(np.int64)
+            result["group_count"] = np.bincount(ids, minlength=num_groups).astype(np.int64)
+        out.append(result)
+    return out
+
+
+__all__ = ["MAX_INPUT_AREA", "STACKABLE", "FitJob", "StackedModel", "StackedOptimizer", "evaluate_many", "fit_many", "predict_many",
            "stack_signature"]
