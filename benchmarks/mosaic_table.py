@@ -85,11 +85,13 @@ def gap(mosaic: dict[int, float], baselines: list[dict[int, float]]) -> str:
     return text
 
 
-def cell(by_seed: dict[int, float]) -> str:
+def cell(by_seed: dict[int, float], seeds: int = 0) -> str:
+    """Mean ± std over seeds; "(n=k)" where a cell has fewer seeds (k) than the table's ``seeds``."""
     values = list(by_seed.values())
     if not values:
         return "—"
-    return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
+    text = f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
+    return text + (f" (n={len(values)})" if len(values) < seeds else "")
 
 
 def collect_ablations(root: Path, full: Path) -> dict[str, dict[str, dict[int, float]]]:
@@ -141,13 +143,13 @@ def main() -> None:
         if not present:
             continue
         seeds = max(len(v) for m in present for v in table[(models, m)].values())
-        print(f"\n{models} (global test-set accuracy %, {seeds} seed(s) at most)\n")
+        print(f"\n{models} (global test-set accuracy %, {seeds} seed(s) at most; (n=k): a cell with k seeds so far)\n")
         print("| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |")
         print("|---|" + "---:|" * len(alphas))
         for method in present:
             cells = []
             for a in alphas:
-                text = cell(table[(models, method)][a])
+                text = cell(table[(models, method)][a], seeds)
                 if method == "mosaic" and table[(models, "teacher")][a]:
                     text += f" [{cell(table[(models, 'teacher')][a])}]"
                 cells.append(text)
