@@ -14,10 +14,18 @@ from conftest import small_config
 from hetpfl.algorithms.fedavg import FedAvgClient
 from hetpfl.experiment import run_experiment
 from hetpfl.learn import OptimOptions, distill, evaluate, fit, predict_logits
-from hetpfl.learn.stacked import FitJob, StackedModel, evaluate_many, fit_many, predict_many, stack_signature
+from hetpfl.learn.stacked import FitJob, StackedModel, evaluate_many, fill_groups, fit_many, predict_many, stack_signature
 from hetpfl.models import build_model
 
 SIZES = [40, 70, 100, 9, 64]  # unequal: clients run out of batches at different steps (masked)
+
+
+def _tolerances(arch: str) -> tuple[float, float, float]:
+    """(mean loss, weights atol, weights rtol) of a stacked run against one by one. Batch norm's scale
+    gradient is a sum that cancels (of g * x_hat, x_hat summing to zero): float order moves it ~4e-4
+    relatively per step, for one client alone without padding as well (measured), and training
+    carries that into the other weights and the losses."""
+    return (5e-5, 2e-3, 2e-3) if arch == "mobilenet_small" else (1e-5, 5e-4, 1e-3)
 
 
 def _clients(arch: str, shape: tuple[int, ...]):
@@ -30,13 +38,14 @@ def _clients(arch: str, shape: tuple[int, ...]):
 
 
 @pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("cnn_small", (1, 8, 8)), ("cnn_small", (64,)),
-                                        ("mlp", (64,))])
+                                        ("mlp", (64,)), ("mobilenet_small", (1, 8, 8)), ("mobilenet_small", (64,))])
 @pytest.mark.parametrize("optim,augment", [
     (OptimOptions(lr=3e-3), "none"),
     (OptimOptions(lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=1e-3, max_grad_norm=0.5), "flip"),
     (OptimOptions(lr=0.05, optimizer="sgd", momentum=0.0), "none"),
 ])
 def test_each_client_ends_where_fit_takes_it(arch, shape, optim, augment):
+    loss_tolerance, atol, rtol = _tolerances(arch)
     models, xs, ys = _clients(arch, shape)
     one_by_one, stacked = [copy.deepcopy(m) for m in models], [copy.deepcopy(m) for m in models]
     expected = [fit(m, x, y, epochs=2, optim=optim, augment=augment, generator=torch.Generator().manual_seed(i))
@@ -45,11 +54,11 @@ def test_each_client_ends_where_fit_takes_it(arch, shape, optim, augment):
                     for i, (m, x, y) in enumerate(zip(stacked, xs, ys))], optim=optim, augment=augment)
     assert [r["steps"] for r in got] == [r["steps"] for r in expected] == [-(-n // 32) * 2 for n in SIZES]
     for ours, theirs in zip(got, expected):
-        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=loss_tolerance)
     for a, b, before in zip(stacked, one_by_one, models):
         for (name, ours), theirs, start in zip(a.state_dict().items(), b.state_dict().values(),
                                                before.state_dict().values()):
-            torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-3, msg=name)
+            torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol, msg=name)
             assert not torch.equal(ours, start)  # it did train
 
 
@@ -71,8 +80,12 @@ def test_what_stacks_and_what_does_not():
     for large in ((1, 28, 28), (3, 32, 32), (784,)):  # stacking does not pay there (docs/performance.md)
         assert stack_signature(build_model("mlp", large, 10)) is None
     assert stack_signature(build_model("cnn_small", (1, 28, 28), 10)) is None
-    assert stack_signature(build_model("resnet_small", (1, 8, 8), 10)) is None  # batch norm statistics
-    assert stack_signature(build_model("mobilenet_small", (1, 8, 8), 10)) is None
+    assert stack_signature(build_model("resnet_small", (1, 8, 8), 10)) is None  # residual blocks
+    mobilenet = build_model("mobilenet_small", (1, 8, 8), 10)  # depthwise convolutions, batch norm
+    assert stack_signature(mobilenet) is not None
+    assert stack_signature(build_model("mobilenet_small", (1, 28, 28), 10)) is None
+    mobilenet.body[1].momentum = None  # a cumulative average: not carried
+    assert stack_signature(mobilenet) is None
     frozen = build_model("mlp", (1, 8, 8), 10)
     frozen.head.weight.requires_grad_(False)
     assert stack_signature(frozen) is None
@@ -89,9 +102,33 @@ def test_the_stacked_forward_is_each_models_forward():
             torch.testing.assert_close(stacked[c], model(batch[c]), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("cnn_small", (1, 8, 8))])
+def test_batch_norm_normalizes_each_client_by_its_own_valid_rows():
+    """In train mode each client's statistics come from its own rows in ``valid`` only: its outputs
+    and running statistics are its model's on those rows alone, and a client with no valid rows
+    keeps its statistics and batch count, as a model that did not run."""
+    models, xs, _ = _clients("mobilenet_small", (1, 8, 8))
+    alone = [copy.deepcopy(m) for m in models]
+    batch = torch.stack([torch.from_numpy(x[:9]) for x in xs])
+    valid = torch.ones(len(models), 9, dtype=torch.bool)
+    valid[1, 5:] = False  # a short last batch, padded
+    valid[3] = False  # a client done with its steps
+    stacked = StackedModel(models).train()
+    out = stacked(batch, valid)
+    stacked.write_back(models)
+    for c, (model, reference) in enumerate(zip(models, alone)):
+        rows = int(valid[c].sum())
+        if rows:
+            torch.testing.assert_close(out[c, :rows], reference.train()(batch[c, :rows]), atol=1e-5, rtol=1e-5)
+        buffers = list(model.buffers())
+        assert len(buffers) == 3 * 7 and int(buffers[2]) == (1 if rows else 0)  # 7 batch norms
+        for ours, theirs in zip(buffers, reference.buffers()):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("cnn_small", (1, 8, 8)), ("mobilenet_small", (1, 8, 8))])
 @pytest.mark.parametrize("loss", ["l1_logits", "kl"])
 def test_distillation_jobs_end_where_distill_takes_each_model(arch, shape, loss):
+    loss_tolerance, atol, rtol = _tolerances(arch)
     models, xs, _ = _clients(arch, shape)
     rng = np.random.default_rng(1)
     targets = [rng.normal(size=(len(x), 10)).astype(np.float32) for x in xs]
@@ -104,18 +141,21 @@ def test_distillation_jobs_end_where_distill_takes_each_model(arch, shape, loss)
     got = fit_many([FitJob(m, x, t, torch.Generator().manual_seed(i), epochs=2, loss=loss)
                     for i, (m, x, t) in enumerate(zip(stacked, xs, targets))], optim=optim)
     for ours, theirs in zip(got, expected):
-        assert ours["steps"] == theirs["steps"] and ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+        assert ours["steps"] == theirs["steps"] and ours["loss"] == pytest.approx(theirs["loss"], abs=loss_tolerance)
     for a, b, before in zip(stacked, one_by_one, models):
         for ours, theirs, start in zip(a.state_dict().values(), b.state_dict().values(), before.state_dict().values()):
-            torch.testing.assert_close(ours, theirs, atol=5e-4, rtol=1e-3)
+            torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol)
             assert not torch.equal(ours, start)
     with pytest.raises(ValueError, match="share a loss"):
         fit_many([FitJob(models[0], xs[0], targets[0], torch.Generator(), loss=loss),
                   FitJob(models[1], xs[1], targets[1], torch.Generator())])
 
 
-def test_predictions_of_a_group_are_each_models_own():
-    models, xs, _ = _clients("cnn_small", (1, 8, 8))
+@pytest.mark.parametrize("arch", ["cnn_small", "mobilenet_small"])
+def test_predictions_of_a_group_are_each_models_own(arch):
+    models, xs, _ = _clients(arch, (1, 8, 8))
+    for model in models:
+        model.train()  # predicting puts them in eval mode (batch norm: running statistics), as predict_logits does
     inputs = np.concatenate(xs * 3)[:600]  # more than one chunk of 512
     for ours, model in zip(predict_many(models, inputs), models):
         assert ours.dtype == np.float32 and ours.shape == (600, 10)
@@ -200,3 +240,12 @@ def test_a_batched_run_resumes_to_the_uninterrupted_batched_records(tmp_path):
     resumed = run_experiment(config, tmp_path / "cut", resume=True)
     assert resumed["resumed_at_round"] == 1
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+
+
+def test_a_group_is_stacked_in_sub_groups_of_similar_step_counts():
+    """A stacked step costs the whole group's work however few clients are still active, so clients
+    far below the group's largest step count go in sub-groups of their own."""
+    assert fill_groups([21, 12, 6, 18]) == [[0, 3], [1], [2]]
+    assert fill_groups([8, 8, 8]) == [[0, 1, 2]]
+    assert fill_groups([10, 8, 7], min_fill=0.8) == [[0, 1], [2]]
+    assert fill_groups([]) == []

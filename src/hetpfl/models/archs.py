@@ -195,6 +195,10 @@ class DepthwiseSeparable(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.block(x)
 
+    def as_sequential(self) -> nn.Sequential:
+        """Its forward is this sequence of layers (what the batched executor stacks)."""
+        return self.block
+
 
 class MobileNetSmall(HetModel):
     """MobileNet-style: 3x3 conv-BN-ReLU6 stem (16 ch) then depthwise-separable blocks 16->32
