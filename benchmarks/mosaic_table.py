@@ -10,13 +10,18 @@ the gap growing as α shrinks; the gap is also given seed by seed against the sa
 is one partition, shared by every method), with on how many seeds Mosaic is above. Mosaic's teacher
 (``teacher_test_acc``, scored once right after the distillation) is shown in brackets.
 
+``--costs`` prints what each run moved and took instead: megabytes up and down per client (mean over
+α and seeds) and the wall minutes per α (mean ± std over seeds; what ran beside a run is not known
+here, see docs/results.md).
+
 ``--ablations`` prints the ablation table instead: each variant under the given folder
-(``<variant>/seed<S>``) beside the full run (``--full``, the table's MNIST α 0.1 Mosaic), with the
+(``<variant>/seed<S>``) beside the full run (``--full``, the same config as the table's MNIST α 0.1
+Mosaic, ``configs/mosaic/ablations/full.yaml``, run on the ablations' machine), with the
 teacher and the global model right after the distillation, the final global model, and the final
 difference to the full run seed by seed (same partitions):
 
     .venv/bin/python benchmarks/mosaic_table.py --ablations docs/records/mosaic/ablations \
-        --full docs/records/mosaic/mnist/a0.1/homogeneous/mosaic
+        --full docs/records/mosaic/ablations/full
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +59,16 @@ def teacher_accuracy(run: Path) -> float | None:
     return distillation_round(run).get("teacher")
 
 
-def collect(roots: list[Path]) -> dict[tuple[str, str], dict[float, dict[int, float]]]:
-    """{(models, method): {α: {seed: percent}}} and the teachers under (models, 'teacher')."""
+#: What ``--costs`` reads of each run's summary: megabytes per client, up and down; wall minutes.
+COSTS = {"MB up per client": lambda s: s["bytes_up_per_client_mean"] / 1e6,
+         "MB down per client": lambda s: s["bytes_down_per_client_mean"] / 1e6,
+         "minutes": lambda s: s["wall_time_s"] / 60}
+
+
+def collect(roots: list[Path], measure: Callable[[dict], float] | None = None
+            ) -> dict[tuple[str, str], dict[float, dict[int, float]]]:
+    """{(models, method): {α: {seed: value}}}: the final global test-set accuracy in percent, or
+    ``measure(summary)``; with the accuracy, the teachers under (models, 'teacher')."""
     table: dict[tuple[str, str], dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for run in find_runs(roots):
         match = re.search(r"a([0-9.]+)/(homogeneous|widths)/([a-z_]+)/seed\d+$", run.as_posix())
@@ -62,6 +76,9 @@ def collect(roots: list[Path]) -> dict[tuple[str, str], dict[float, dict[int, fl
             continue
         alpha, models, method = float(match[1]), match[2], match[3]
         summary = load_summary(run)
+        if measure is not None:
+            table[(models, method)][alpha][summary["seed"]] = measure(summary)
+            continue
         table[(models, method)][alpha][summary["seed"]] = 100 * summary["final"]["global_test_acc"]
         teacher = teacher_accuracy(run) if method == "mosaic" else None
         if teacher is not None:
@@ -124,13 +141,38 @@ def ablation_markdown(table: dict[str, dict[str, dict[int, float]]]) -> str:
     return "\n".join(lines)
 
 
+def costs_markdown(roots: list[Path]) -> str:
+    """What each method's runs moved (MB per client, up and down: mean over α and seeds) and took
+    (wall minutes per α, mean ± std over seeds), one block per model set."""
+    tables = {name: collect(roots, measure) for name, measure in COSTS.items()}
+    alphas = sorted({a for per in tables["minutes"].values() for a in per})
+    blocks = []
+    for models, methods in ORDER.items():
+        present = [m for m in methods if (models, m) in tables["minutes"]]
+        if not present:
+            continue
+        lines = [f"{models}\n", "| method | MB up per client | MB down per client | "
+                 + " | ".join(f"minutes, α = {a:g}" for a in alphas) + " |", "|---|---:|---:|" + "---:|" * len(alphas)]
+        for method in present:
+            moved = [np.mean([v for per in tables[k][(models, method)].values() for v in per.values()])
+                     for k in ("MB up per client", "MB down per client")]
+            minutes = [cell(tables["minutes"][(models, method)][a]) for a in alphas]
+            lines.append(f"| {method} | {moved[0]:.2f} | {moved[1]:.2f} | " + " | ".join(minutes) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", type=Path, nargs="+", help="runs or records of one dataset (…/<dataset>), one folder or several;"
                                                            " with --ablations, the ablations' folder")
     parser.add_argument("--ablations", action="store_true", help="print the ablation table (module docstring)")
     parser.add_argument("--full", type=Path, help="with --ablations: the full Mosaic run's folder (its seed<S> runs)")
+    parser.add_argument("--costs", action="store_true", help="print megabytes per client and wall minutes (module docstring)")
     args = parser.parse_args()
+    if args.costs:
+        print(costs_markdown(args.roots))
+        return
     if args.ablations:
         if args.full is None or len(args.roots) != 1:
             parser.error("--ablations takes one folder of ablations and --full FOLDER")

@@ -254,3 +254,19 @@ def test_the_ablation_table_pairs_each_variant_with_the_full_run_seed_by_seed(tm
     # final − full by seed: 85 − 90 = −5, 82 − 80 = +2
     assert "| no_meta_model | 0,1 | 85.0 ± 5.0 | 84.0 ± 0.0 | 83.5 ± 1.5 | -1.5 ± 3.5, above on 1 of 2 | 10.0 ± 0.0 |" in text
     assert text.splitlines()[2].startswith("| full | 0,1 | 70.0 ± 0.0 | 75.0 ± 0.0 | 85.0 ± 5.0 | — |")
+
+
+def test_the_costs_table_gives_megabytes_per_client_and_minutes_per_alpha(tmp_path):
+    from conftest import benchmark_script
+
+    script = benchmark_script("mosaic_table")
+    for alpha, minutes in (("0.1", (10.0, 14.0)), ("1.0", (6.0, 6.0))):
+        for seed, wall in enumerate(minutes):
+            run = tmp_path / f"a{alpha}" / "widths" / "mosaic" / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({
+                "seed": seed, "wall_time_s": 60 * wall, "bytes_up_per_client_mean": 5_000_000 + 1_000_000 * seed,
+                "bytes_down_per_client_mean": 2_000_000, "final": {"global_test_acc": 0.5}}))
+    text = script.costs_markdown([tmp_path])
+    assert "| method | MB up per client | MB down per client | minutes, α = 0.1 | minutes, α = 1 |" in text
+    assert "| mosaic | 5.50 | 2.00 | 12.0 ± 2.0 | 6.0 ± 0.0 |" in text
