@@ -7,8 +7,8 @@ stage raised. No algorithm sees which executor ran it.
 * ``sequential`` (the reference): every client in turn, in client-id order, in this process.
 * ``batched``: as ``sequential``, but a group of clients whose slots share their architectures goes
   to the method's batched handler (``<stage>_many``) where it has one: FedAvg's ``train`` trains the
-  group's models as one stacked model (:mod:`hetpfl.learn.stacked`; ``mlp`` and the plain
-  ``cnn_*`` nets), FedMD's ``communicate`` pre-trains and predicts and its ``digest_revisit``
+  group's models as one stacked model (:mod:`hetpfl.learn.stacked`; ``mlp``, the plain
+  ``cnn_*`` nets and ``mobilenet_small`` on small inputs), FedMD's ``communicate`` pre-trains and predicts and its ``digest_revisit``
   distills and trains that way, so their records agree with the sequential executor's up to float
   summation order, not bit for bit. Stages and methods without a batched handler run exactly as ``sequential``.
 * ``processes``: the clients of a stage spread over worker processes (``runtime.workers``; 0: one
