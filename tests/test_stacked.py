@@ -202,8 +202,9 @@ def test_a_batched_fedavg_run_trains_groups_whole_and_is_deterministic(tmp_path)
 
 
 def test_a_declined_group_fails_client_by_client_as_sequential_does(tmp_path, monkeypatch):
-    """FedAvg's batched handler declines a group whose models do not stack (mobilenet_small); a
-    raising client there is that client's failure alone, as in the sequential executor."""
+    """A group FedAvg's batched handler declines (here every group: ``train_many`` patched to decline)
+    runs client by client; a raising client there is that client's failure alone, as in the
+    sequential executor."""
     train = FedAvgClient.train
 
     def fails_for_client_2(self, message, ctx):
