@@ -168,21 +168,20 @@ class StackedModel(nn.Module):
             # one kernel for the whole group: per channel of N·C is per client and channel
             return F.batch_norm(h, mean.view(-1), var.view(-1), flat_weight, flat_bias, self.training,
                                 layer.momentum, layer.eps)
-        b, n = h.shape[0], self.n
+        b, n, positions = h.shape[0], self.n, [1] * (h.dim() - 2)
         grouped = h.reshape(b, n, -1, *h.shape[2:])  # (B, N, C, *spatial)
-        spread = (b, n, 1, *[1] * (h.dim() - 2))
-        rows = valid.t().to(h.dtype).reshape(spread)
+        rows = valid.t().to(h.dtype).reshape(b, n, 1, *positions)
         dims = (0, *range(3, grouped.dim()))  # each client's own rows and positions
         count = valid.sum(1).to(h.dtype) * math.prod(h.shape[2:])
-        denominator = count.clamp(min=1).reshape(1, n, 1, *[1] * (h.dim() - 2))
+        denominator = count.clamp(min=1).reshape(1, n, 1, *positions)
         batch_mean = (grouped * rows).sum(dims, keepdim=True) / denominator
         centred = grouped - batch_mean
         batch_var = (centred.square() * rows).sum(dims, keepdim=True) / denominator
         out = centred * torch.rsqrt(batch_var + layer.eps)
         if weight is not None:
-            out = out * weight.reshape(1, n, -1, *[1] * (h.dim() - 2))
+            out = out * weight.reshape(1, n, -1, *positions)
         if bias is not None:
-            out = out + bias.reshape(1, n, -1, *[1] * (h.dim() - 2))
+            out = out + bias.reshape(1, n, -1, *positions)
         with torch.no_grad():  # running statistics of the clients that ran, as F.batch_norm updates them
             ran = count > 0
             unbiased = batch_var.reshape(n, -1) * (count / (count - 1).clamp(min=1)).reshape(n, 1)
@@ -318,7 +317,7 @@ def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOption
     losses: list[list[torch.Tensor]] = [[] for _ in jobs]
     for members in fill_groups(counts):
         _fit_stacked([jobs[c] for c in members], [data[c] for c in members], [sources[c] for c in members],
-                     [losses[c] for c in members], per_sample_loss, batch_size, optim, augment)
+                     [losses[c] for c in members], per_sample_loss, optim, augment)
     for job, count in zip(jobs, counts):
         if count:  # as fit leaves it: in train mode once it has stepped
             job.model.train()
@@ -348,7 +347,7 @@ def fill_groups(counts: Sequence[int], min_fill: float = MIN_FILL) -> list[list[
 
 
 def _fit_stacked(jobs: Sequence[FitJob], data: Sequence[tuple[torch.Tensor, torch.Tensor]], sources: Sequence[IndexBatches],
-                 losses: Sequence[list[torch.Tensor]], per_sample_loss: Callable, batch_size: int, optim: OptimOptions,
+                 losses: Sequence[list[torch.Tensor]], per_sample_loss: Callable, optim: OptimOptions,
                  augment: str) -> None:
     """One stacked model's training loop over ``jobs`` (each job's step losses appended to its list)."""
     models = [job.model for job in jobs]
