@@ -31,11 +31,16 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from hetpfl.report import find_runs, load_summary
+from hetpfl.report import find_runs
+from hetpfl.report import load_summary as _load_summary
+
+#: One read of a run's summary however many measures of it a table collects (``--costs`` reads three).
+load_summary = cache(_load_summary)
 
 ORDER = {"homogeneous": ["mosaic", "dense", "fedftg", "fedgen", "fedavg", "fedprox", "fedbn", "fedrs"],
          "widths": ["mosaic", "dfrd", "fedrolex", "heterofl"]}

@@ -326,9 +326,10 @@ def fit_many(jobs: Sequence[FitJob], *, batch_size: int = 32, optim: OptimOption
 
 # A stacked step costs about the whole group's work however few of its clients are still active, so
 # a group runs as sub-groups whose step counts are within this share of their largest. Measured on
-# the project machine (AMD, one thread; docs/performance.md): equal-size groups stack at 1.8x (mlp),
-# 1.17x (mobilenet_small) and 0.94x (cnn_small) on 8x8 digits; one client of 60 rows beside one of
-# 200 made the stacked group 2.4x slower than one by one.
+# the project machine (AMD, both cores busy; docs/performance.md, "Batch norm, depthwise convolutions,
+# sub-groups by step count"): equal-size groups of 10 / 25 clients stack at 1.40x / 2.14x (mlp),
+# 2.28x / 1.15x (cnn_small) and 1.38x / 1.10x (mobilenet_small) on 8x8 digits; clients of 60, 115 and
+# 200 rows in one group made it 2.0x (cnn_small) to 2.4x (mobilenet_small) slower than one by one.
 MIN_FILL = 0.8
 
 
