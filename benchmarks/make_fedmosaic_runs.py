@@ -9,7 +9,8 @@ heterogeneous baselines everywhere; issue #11's seven LoRA baselines on the scen
 (configs/hetvqa_runs: homo_dynamic, sizes_dynamic) does not cover. Ablations on sizes_dynamic:
 without RELA, block alignment, weight alignment, the gate, or PQ-LoRA (plain LoRA shared across
 sizes by HetLoRA's padding, with RELA's weights). Variants (configs/fedmosaic_runs/variants): FedMosaic
-on sizes_dynamic with another setting (``one_block``: N_B = 1).
+with another setting (``one_block``: N_B = 1 on sizes_dynamic; ``homo_dynamic_one_block``: the same on
+homo_dynamic).
 
 Usage: .venv/bin/python benchmarks/make_fedmosaic_runs.py   (rewrites the files; commit the result)
 Run:   benchmarks/run_configs.sh configs/fedmosaic_runs runs/fedmosaic "0 1 2" 2
@@ -35,9 +36,11 @@ METHODS = ("fedmosaic", "feddistill", "fedmkt", "takfl", "hetlora", "flexlora")
 ABLATIONS = {"no_rela": {"rela": False}, "no_block_alignment": {"block_alignment": False},
              "no_weight_alignment": {"weight_alignment": False}, "no_gate": {"gate": False},
              "no_pq_lora": {"pq_lora": False}}
-#: FedMosaic with another setting on sizes_dynamic: one block puts P/Q on the last layer only, where
-#: two blocks make both layers of the 2-layer small model PQ layers (r² + r values each to train)
-VARIANTS = {"one_block": {"num_blocks": 1}}
+#: FedMosaic with another setting, on a scenario: one block puts P/Q on the last layer only, where
+#: two blocks make both layers of the 2-layer small model PQ layers (r² + r values each to train);
+#: on homo_dynamic every client is that small model
+VARIANTS = {"one_block": ("sizes_dynamic", {"num_blocks": 1}),
+            "homo_dynamic_one_block": ("homo_dynamic", {"num_blocks": 1})}
 
 
 def write(path: Path, tree: dict) -> None:
@@ -55,13 +58,14 @@ def main() -> None:
         for method in methods:
             write(ROOT / scenario / f"{method}.yaml", config(scenario, method))
             count += 1
-    for folder, settings in (("ablations", ABLATIONS), ("variants", VARIANTS)):
-        for name, options in settings.items():
-            tree = config("sizes_dynamic", "fedmosaic")
-            tree["name"] = f"hetvqa-sizes_dynamic-fedmosaic-{name}"
-            tree["algorithm"].update(options)
-            write(ROOT / folder / f"{name}.yaml", tree)
-            count += 1
+    settings = [("ablations", name, "sizes_dynamic", options) for name, options in ABLATIONS.items()]
+    settings += [("variants", name, scenario, options) for name, (scenario, options) in VARIANTS.items()]
+    for folder, name, scenario, options in settings:
+        tree = config(scenario, "fedmosaic")
+        tree["name"] = f"hetvqa-{scenario}-fedmosaic-{name.removeprefix(scenario + '_')}"
+        tree["algorithm"].update(options)
+        write(ROOT / folder / f"{name}.yaml", tree)
+        count += 1
     print(f"wrote {count} configs under {ROOT}")
 
 
