@@ -340,12 +340,13 @@ def test_fedmosaics_table_configs_are_the_scripts_and_load(tmp_path, monkeypatch
     written = assert_written_as_shipped(tmp_path, shipped)
     for scenario in script.SCENARIOS:
         assert {p.stem for p in written if p.parts[0] == scenario} >= set(script.METHODS)
-    settings = {**script.ABLATIONS, **script.VARIANTS}
+    settings = {**{name: ("sizes_dynamic", options) for name, options in script.ABLATIONS.items()}, **script.VARIANTS}
     assert {p.stem for p in written if p.parts[0] in ("ablations", "variants")} == set(settings)
     for path in written:
         config = load_config(shipped / path)  # validates every key, the method's too
         if path.parts[0] in ("ablations", "variants"):
-            assert config.data.options["scenario"].endswith("sizes_dynamic.yaml")
-            assert all(config.algorithm[key] == value for key, value in settings[path.stem].items())
+            scenario, options = settings[path.stem]
+            assert config.data.options["scenario"].endswith(f"{scenario}.yaml")
+            assert all(config.algorithm[key] == value for key, value in options.items())
     table = benchmark_script("hetvqa_table")
     assert set(settings) | set(script.METHODS) <= set(table.ORDER) & set(table.LABEL)  # every row named
