@@ -25,10 +25,6 @@ import numpy as np
 
 from hetpfl.report import find_runs, load_summary
 
-ORDER = ["sft", "fedit", "ditto_lora", "fedsim", "feddpa", "feddat", "perada",
-         "feddistill", "fedmkt", "takfl", "hetlora", "flexlora", "fedmosaic",
-         "no_rela", "no_pq_lora", "no_block_alignment", "no_weight_alignment", "no_gate", "one_block",
-         "homo_dynamic_one_block"]
 LABEL = {"sft": "Local (SFT)", "fedit": "FedIT", "ditto_lora": "Ditto", "fedsim": "FedSim", "feddpa": "FedDPA",
          "feddat": "FedDAT", "perada": "PerAda", "feddistill": "FedDistill", "fedmkt": "FedMKT", "takfl": "TAKFL",
          "hetlora": "HetLoRA", "flexlora": "FlexLoRA", "fedmosaic": "FedMosaic",
@@ -37,6 +33,8 @@ LABEL = {"sft": "Local (SFT)", "fedit": "FedIT", "ditto_lora": "Ditto", "fedsim"
          "no_weight_alignment": "FedMosaic without weight alignment", "no_gate": "FedMosaic without the gate",
          "one_block": "FedMosaic with one block (N_B = 1)",
          "homo_dynamic_one_block": "FedMosaic with one block (N_B = 1) on homo_dynamic"}
+#: the rows' order: as LABEL lists them (a row whose folder is not named there comes last)
+ORDER = list(LABEL)
 # column -> the summary's final measure (fractions; shown in percent)
 MEASURES = {"Self": "personalized_acc_mean", "worst client": "personalized_acc_worst10", "Others": "others_mean",
             "forgetting": "forgetting_mean", "new type zero-shot": "zeroshot_new_type_mean",
