@@ -12,7 +12,8 @@ stage raised. No algorithm sees which executor ran it.
   distills and trains that way, so their records agree with the sequential executor's up to float
   summation order, not bit for bit. Stages and methods without a batched handler run exactly as ``sequential``.
 * ``processes``: the clients of a stage spread over worker processes (``runtime.workers``; 0: one
-  per CPU core), each running torch with the run's thread count. Workers are forked once per run,
+  per CPU core), each running torch with the run's thread count. Workers are forked once per run
+  (:mod:`hetpfl.workerpool`: a pipe each, nothing shared that a stopped worker could leave locked),
   so they hold the run's data without copying it; a client's state record and its message travel
   to the worker, and its reply and new record back, as hetpfl messages (arrays and scalars, never
   pickled objects), and the parent keeps every record (checkpoints and resume are unchanged).
@@ -58,6 +59,7 @@ import torch
 from .clienthost import ClientHost, MemoryStore
 from .learn.inference import evaluate
 from .messages import Message
+from .workerpool import WorkerPool
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ def _from_bytes(payload: bytes) -> Any:
     return torch.load(io.BytesIO(payload), weights_only=False)
 
 
-def _score_in_worker(model_bytes: bytes, clients: list[int], rnd: int) -> list[dict[str, Any]]:
+def _score_in_worker(task: tuple[bytes, list[int], int]) -> list[dict[str, Any]]:
+    model_bytes, clients, rnd = task
     return [_score_here(_WORKER_HOST.run, client, rnd, model_bytes) for client in clients]
 
 
@@ -215,8 +218,7 @@ class ProcessExecutor:
             _FORK_HOST = host
             _before_fork()
             try:  # fork: the workers share the run's data with this process instead of rebuilding it
-                context = multiprocessing.get_context("fork")
-                self._pool = context.Pool(self.workers, initializer=_start_worker, initargs=(torch.get_num_threads(),))
+                self._pool = WorkerPool(self.workers, _start_worker, (torch.get_num_threads(),))
             finally:
                 _FORK_HOST = None
             self._host = host
@@ -237,7 +239,7 @@ class ProcessExecutor:
         # less, so thousands go in chunks), while chunks of unequal clients leave a worker idle at the
         # end (25 COSMOS clients: chunks of 4 -> 1 saved ~0.1 s a stage)
         chunk = max(1, math.ceil(len(tasks) / (16 * self.workers)))
-        for client, reply, record, failure in pool.imap(_run_client, tasks, chunksize=chunk):  # in client order
+        for client, reply, record, failure in pool.map(_run_client, tasks, chunksize=chunk):  # in client order
             if failure is not None:
                 kind, text, trace = failure
                 if host.run.on_client_error == "raise":
@@ -266,7 +268,7 @@ class ProcessExecutor:
                 pieces.append(clients[start : start + piece])
                 tasks.append((model_bytes, pieces[-1], rnd))
         scores: dict[int, float] = {}
-        for clients, results in zip(pieces, self._pool_for(host).starmap(_score_in_worker, tasks, chunksize=1)):
+        for clients, results in zip(pieces, self._pool_for(host).map(_score_in_worker, tasks)):
             for client, result in zip(clients, results):
                 if result["failure"] is not None:
                     kind, text, trace = result["failure"]
@@ -287,12 +289,11 @@ class ProcessExecutor:
         # one task goes to a running pool too: its workers are warm, while this process may not have
         # trained anything yet (its first training step pays torch's lazy set-up, ~0.8 s measured)
         payloads = [_to_bytes((work, task)) for task in tasks]
-        return [_from_bytes(result) for result in self._pool_for(host).map(_work_in_worker, payloads, chunksize=1)]
+        return [_from_bytes(result) for result in self._pool_for(host).map(_work_in_worker, payloads)]
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.close()
         self._pool, self._host = None, None
 
 
