@@ -17,6 +17,7 @@ from hetpfl.algorithms.fedmd import FedMDClient
 from hetpfl.configuration import ConfigError
 from hetpfl.executors import ClientProcessError
 from hetpfl.experiment import load_config, run_experiment
+from hetpfl.workerpool import WorkerEnded
 
 _communicate = FedMDClient.communicate
 
@@ -75,6 +76,12 @@ def test_an_isolated_client_whose_process_dies_is_recorded_and_the_run_goes_on(t
     assert rows[1]["failures"]["2"].startswith("communicate: raised ClientProcessEnded")
     assert "2" in rows[2]["failures"] and len(rows[2]["failures"]) == 1  # gone for good; the others go on
     assert summary["final"]["client_acc"][2] is None and summary["final"]["client_acc"][0] is not None
+
+
+def test_a_worker_process_that_dies_ends_a_processes_run_with_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setattr(FedMDClient, "communicate", _dies_in_round_1)
+    with pytest.raises(WorkerEnded, match="worker process ended \\(exit code 3\\)"):
+        run_experiment(small_config("fedmd", rounds=3, **{"runtime.executor": "processes"}), tmp_path)
 
 
 def test_hetvqa_cannot_run_isolated():

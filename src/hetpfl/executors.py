@@ -25,6 +25,8 @@ stage raised. No algorithm sees which executor ran it.
   independent pieces of work (``Comm.map``, e.g. COSMOS's per-cluster models) run there, pickled
   both ways between the parent and its own workers (once the workers are up, a single piece too:
   they are warm, the parent may not be); ``map_workers`` tells a server how many run at once.
+  A worker process that ends (a crash in native code, a kill) ends the run with
+  :class:`~hetpfl.workerpool.WorkerEnded`; ``isolated`` records such a client and goes on instead.
 * ``isolated``: every client in a process of its own that holds only that client's data, as a
   deployment's SuperNode does. The processes are forked once per run from the prepared run; each
   empties every other client's splits (and the global test split) in place before it runs any

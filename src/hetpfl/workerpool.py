@@ -88,7 +88,11 @@ class WorkerPool:
         while busy or (following < len(chunks) and not raised):
             while idle and following < len(chunks) and not raised:
                 process, end = idle.pop()
-                end.send((function, chunks[following]))
+                try:
+                    end.send((function, chunks[following]))
+                except (OSError, ValueError):
+                    process.join(timeout=1)
+                    raise WorkerEnded(f"a worker process ended (exit code {process.exitcode}) before it was sent work") from None
                 busy[end] = (following, process)
                 following += 1
             for end in wait(list(busy)):
