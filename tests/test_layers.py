@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hetpfl"
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = {
-    "rng": 0, "configuration": 0, "numerics": 0, "kernels": 0,
+    "rng": 0, "configuration": 0, "numerics": 0, "kernels": 0, "workerpool": 0,
     "data": 1,
     "models": 2, "messages": 2, "plots": 2,
     "learn": 3, "state": 3, "backbones": 3,
