@@ -61,7 +61,7 @@ import torch
 from .clienthost import ClientHost, MemoryStore
 from .learn.inference import evaluate
 from .messages import Message
-from .workerpool import WorkerPool
+from .workerpool import WorkerPool, stop_process
 
 
 @dataclass(frozen=True)
@@ -406,8 +406,7 @@ class IsolatedExecutor:
 
     def _stop(self, client: int) -> None:
         process, end = self._clients.pop(client)
-        process.terminate()
-        process.join()
+        stop_process(process, grace=0)
         end.close()
 
     def close(self) -> None:
@@ -417,10 +416,7 @@ class IsolatedExecutor:
             except (OSError, ValueError):
                 pass
         for process, end in self._clients.values():
-            process.join(timeout=5)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+            stop_process(process, grace=5)
             end.close()
         self._clients = {}
 

@@ -91,7 +91,6 @@ def plot_comparison(groups: dict[str, Sequence[str | Path]], out_path: str | Pat
     """Mean (± std band over seeds) of the clients' own accuracy per round, one line a group (a
     kept record, summary and config alone, has no rounds to draw and is left out of the plot)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = 0
     for label, run_dirs in groups.items():
         curves = [accuracy_series(read_metrics(d)).get("personalized") for d in run_dirs
                   if (Path(d) / "metrics.jsonl").exists()]
@@ -102,13 +101,12 @@ def plot_comparison(groups: dict[str, Sequence[str | Path]], out_path: str | Pat
         xs = curves[0][0][:length]
         ys = np.array([c[1][:length] for c in curves])
         ax.plot(xs, ys.mean(0), marker="o", label=label)
-        drawn += 1
         if len(curves) > 1:
             ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
     ax.set_xlabel("round")
     ax.set_ylabel("mean accuracy of clients' own models (%)")
     ax.grid(alpha=0.3)
-    if drawn:
+    if ax.lines:
         ax.legend(fontsize=8)
     else:  # kept records only: say so rather than draw empty axes under a legend warning
         ax.text(0.5, 0.5, "no run here kept its rounds (metrics.jsonl):\nsee table.md", ha="center",

@@ -91,8 +91,7 @@ class WorkerPool:
                 try:
                     end.send((function, chunks[following]))
                 except (OSError, ValueError):
-                    process.join(timeout=1)
-                    raise WorkerEnded(f"a worker process ended (exit code {process.exitcode}) before it was sent work") from None
+                    raise _ended(process, "before it was sent work") from None
                 busy[end] = (following, process)
                 following += 1
             for end in wait(list(busy)):
@@ -100,8 +99,7 @@ class WorkerPool:
                 try:
                     answer = end.recv()
                 except (EOFError, OSError):
-                    process.join(timeout=1)
-                    raise WorkerEnded(f"a worker process ended (exit code {process.exitcode}) while it had work") from None
+                    raise _ended(process, "while it had work") from None
                 if answer[0] == "done":
                     results[index] = answer[1]
                 else:
@@ -117,19 +115,30 @@ class WorkerPool:
     def close(self) -> None:
         """Ask every worker to stop; terminate one that has not within a few seconds (it may be
         mid-task after an interrupted map)."""
-        for _, end in self._workers:
-            try:
-                if self._in_step:
+        if self._in_step:
+            for _, end in self._workers:
+                try:
                     end.send(None)
-            except (OSError, ValueError):
-                pass
+                except (OSError, ValueError):
+                    pass
         for process, end in self._workers:
-            process.join(timeout=5 if self._in_step else 0)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            stop_process(process, grace=5 if self._in_step else 0)
             end.close()
         self._workers = []
+
+
+def _ended(process: Any, when: str) -> WorkerEnded:
+    process.join(timeout=1)
+    return WorkerEnded(f"a worker process ended (exit code {process.exitcode}) {when}")
+
+
+def stop_process(process: Any, grace: float) -> None:
+    """Wait up to ``grace`` seconds for a process to end by itself, then terminate it (kill it
+    if it still lives): no caller ever waits on a process without a limit."""
+    process.join(timeout=grace)
+    if process.is_alive():
+        process.terminate()
+        process.join(timeout=5)
+    if process.is_alive():
+        process.kill()
+        process.join()
