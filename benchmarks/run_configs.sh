@@ -27,7 +27,7 @@ while IFS= read -r config; do
   done
 done < <(find "$CONFIG_DIR" -name '*.yaml' | sort)
 echo "${#jobs[@]} runs ($PARALLEL at a time) from $CONFIG_DIR into $OUT"
-printf '%s\n' "${jobs[@]}" | xargs -P "$PARALLEL" -L 1 bash -c '
+printf '%s\n' "${jobs[@]}" | xargs -r -P "$PARALLEL" -L 1 bash -c '
   dir="$OUT/$0/seed$1"
   [ -f "$dir/summary.json" ] && exit 0   # finished runs are kept: the script resumes
   mkdir -p "$(dirname "$dir")"

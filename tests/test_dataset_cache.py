@@ -306,3 +306,19 @@ def test_a_truncated_cifar_archive_is_one_line_naming_it(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("hetpfl: ") and "Traceback" not in err, err
     assert f"corrupt image archive {archive}" in err
     assert not list((tmp_path / "cache").glob("*.npz"))
+
+
+def test_datasets_load_without_numpys_huge_page_hint_and_the_setting_is_restored() -> None:
+    from hetpfl.data.sources.base import _numpy_multiarray, small_pages
+
+    switch = _numpy_multiarray._set_madvise_hugepage
+    before = switch(True)
+    try:
+        with small_pages():
+            assert switch(False) is False  # off within (the call returns the setting it replaces)
+        assert switch(True) is True  # on again after
+        with pytest.raises(RuntimeError), small_pages():
+            raise RuntimeError("a failed load")
+        assert switch(True) is True  # restored after an error too
+    finally:
+        switch(before)

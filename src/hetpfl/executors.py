@@ -59,6 +59,7 @@ from typing import Any, Mapping, Protocol
 import torch
 
 from .clienthost import ClientHost, MemoryStore
+from .kernels import current_kernels
 from .learn.inference import evaluate
 from .messages import Message
 from .workerpool import WorkerPool, stop_process
@@ -142,10 +143,12 @@ _WORKER_HOST: ClientHost | None = None
 
 
 def _before_fork() -> None:
-    """What every forked process would otherwise load on its own: torch imports its compiler stack
-    (``torch._dynamo``, ~0.9 s) at the first optimizer a process builds; loaded once here, every
-    child shares it."""
-    import torch._dynamo  # noqa: F401, PLC0415
+    """What every forked process would otherwise load on its own: a ``torch.optim`` optimizer imports
+    torch's compiler stack (``torch._dynamo``, ~0.9 s) when built; under the ``reference`` kernels
+    (the ``fast`` ones build none: :mod:`hetpfl.learn.fused`) it is loaded once here, and every child
+    shares it."""
+    if current_kernels() == "reference":
+        import torch._dynamo  # noqa: F401, PLC0415
 
 
 def _start_worker(threads: int) -> None:

@@ -2,8 +2,10 @@
 
 ``fast`` (the default) makes every step cheaper without changing what is computed:
 
-* optimizers update all their parameters in one fused kernel (``torch.optim.Adam/SGD(fused=True)``)
-  instead of one small operation per tensor (Adam's update was 8–16 % of a step);
+* optimizers update all their parameters in one fused kernel (torch's ``_fused_adam_`` /
+  ``_fused_sgd_``, as ``torch.optim.Adam/SGD(fused=True)`` run them; called directly by
+  :mod:`hetpfl.learn.fused`, which spares a process torch's compiler-stack import) instead of one
+  small operation per tensor (Adam's update was 8–16 % of a step);
 * the convolutional classifiers (``cnn_*``, ``resnet_small``, ``mobilenet_small``, ``vgg_small``) on
   2-D images keep their weights channels-last, so oneDNN's convolutions and pooling skip the
   layout conversions of the NCHW path (1.2–2.3× per training step on 8×8 to 32×32 inputs, measured
@@ -20,8 +22,6 @@ from its config), and every module and optimizer built afterwards follows it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -43,12 +43,11 @@ def current_kernels() -> str:
     return _mode
 
 
-def optimizer_options(params: list[torch.Tensor]) -> dict[str, Any]:
-    """Keyword options for ``torch.optim.Adam``/``SGD`` over ``params``: fused when fast (and every
-    parameter is a float32 CPU tensor, which the fused CPU kernels take), else torch's defaults."""
-    if _mode == "fast" and params and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
-        return {"fused": True}
-    return {}
+def fused_optimizers(params: list[torch.Tensor]) -> bool:
+    """Whether an optimizer over ``params`` uses the fused kernels: when fast, and every parameter is a
+    float32 CPU tensor (what the fused CPU kernels take); else torch's own per-tensor optimizers."""
+    return _mode == "fast" and bool(params) and all(p.dtype == torch.float32 and p.device.type == "cpu"
+                                                    for p in params)
 
 
 def with_preferred_layout(model: nn.Module, family: str, input_shape: tuple[int, ...]) -> nn.Module:
@@ -58,5 +57,5 @@ def with_preferred_layout(model: nn.Module, family: str, input_shape: tuple[int,
     return model
 
 
-__all__ = ["CHANNELS_LAST_FAMILIES", "KERNELS", "current_kernels", "optimizer_options", "set_kernels",
+__all__ = ["CHANNELS_LAST_FAMILIES", "KERNELS", "current_kernels", "fused_optimizers", "set_kernels",
            "with_preferred_layout"]

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..configuration import Validated, option
-from ..kernels import optimizer_options
+from ..kernels import fused_optimizers
+from .fused import FusedAdam, FusedSGD
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -29,7 +30,7 @@ class OptimOptions(Validated):
     beta1: float = option(0.9, ge=0, lt=1)  # Adam's first-moment decay (DCGAN training uses 0.5)
 
     def build(self, params: Iterable[torch.Tensor] | nn.Module,
-              lr_scales: Mapping[int, float] | None = None) -> torch.optim.Optimizer:
+              lr_scales: Mapping[int, float] | None = None) -> torch.optim.Optimizer | FusedAdam | FusedSGD:
         """A fresh optimizer over ``params`` (any iterable of parameters, or a module's parameters).
         ``lr_scales``: ``{id(parameter): factor}`` for parameters that learn at ``factor × lr`` (e.g.
         FedMosaic's P and Q); the others at ``lr``."""
@@ -39,13 +40,16 @@ class OptimOptions(Validated):
         for p in params:
             groups.setdefault(float((lr_scales or {}).get(id(p), 1.0)), []).append(p)
         param_groups = [{"params": ps, "lr": self.lr * scale} for scale, ps in groups.items()]
-        kernels = optimizer_options([p for ps in groups.values() for p in ps])  # fused unless runtime.kernels=reference
+        fused = fused_optimizers([p for ps in groups.values() for p in ps])  # unless runtime.kernels=reference
         if self.optimizer == "adam":
-            return torch.optim.Adam(param_groups, lr=self.lr, betas=(self.beta1, 0.999), weight_decay=self.weight_decay,
-                                    **kernels)
+            betas = (self.beta1, 0.999)
+            if fused:
+                return FusedAdam(param_groups, betas=betas, weight_decay=self.weight_decay)
+            return torch.optim.Adam(param_groups, lr=self.lr, betas=betas, weight_decay=self.weight_decay)
         if self.optimizer == "sgd":
-            return torch.optim.SGD(param_groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                   **kernels)
+            if fused:
+                return FusedSGD(param_groups, momentum=self.momentum, weight_decay=self.weight_decay)
+            return torch.optim.SGD(param_groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         raise ValueError(f"optimizer={self.optimizer!r} is not supported (allowed: {', '.join(OPTIMIZERS)})")
 
 

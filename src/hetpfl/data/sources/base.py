@@ -8,11 +8,18 @@ read from and where decoded arrays are cached.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+try:  # numpy 2 moved its C core; 1.26 (the oldest we take) has it at numpy.core
+    from numpy._core import multiarray as _numpy_multiarray
+except ImportError:  # pragma: no cover
+    from numpy.core import multiarray as _numpy_multiarray
 
 __all__ = [
     "DIGIT_CLASSES",
@@ -158,6 +165,24 @@ class DatasetUnavailableError(RuntimeError):
 
 class DatasetFormatError(ValueError):
     """A dataset file exists but is corrupt or not in the expected format."""
+
+
+@contextlib.contextmanager
+def small_pages() -> Iterator[None]:
+    """numpy's arrays made within: without its ``madvise(MADV_HUGEPAGE)`` hint (numpy gives it every
+    large array by default). Under the kernel's ``defrag=madvise`` setting (this machine's) a hinted
+    array's first touch waits on memory compaction: converting MNIST's 70,000 images to float32 took
+    0.9 s with the hint and 0.3 s without (docs/performance.md). Arrays made here are only read
+    afterwards, where huge pages would help little. A no-op where numpy lacks the switch."""
+    switch = getattr(_numpy_multiarray, "_set_madvise_hugepage", None)
+    if switch is None:
+        yield
+        return
+    before = switch(False)
+    try:
+        yield
+    finally:
+        switch(before)
 
 
 def to_float32(u8: np.ndarray, scale: np.float32, shift: float = 0.0) -> np.ndarray:
