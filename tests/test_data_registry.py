@@ -229,3 +229,20 @@ def test_dataset_source_input_kind_inferred_and_checked():
         make(tokens, (3,), "vector")
     with pytest.raises(ValueError, match="unknown input_kind 'text'"):
         make(floats, (3,), "text")
+
+
+def test_digits_are_scikit_learns_arrays_read_without_importing_scikit_learn() -> None:
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from hetpfl.data.sources.generated import _sklearn_digits
+
+    images, target = _sklearn_digits()
+    reference = sklearn_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
+    script = ("import sys\nfrom hetpfl.data.sources import load_dataset\nload_dataset('digits')\n"
+              "print('sklearn' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

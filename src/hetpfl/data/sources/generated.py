@@ -12,6 +12,8 @@ first three are ignored where they do not apply.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import random
 from pathlib import Path
 from typing import Any
@@ -47,11 +49,9 @@ __all__ = [
 
 def load_digits(data_dir: Path, download: bool, use_cache: bool) -> DatasetSource:
     """scikit-learn's digits, pixels / 16, with a fixed stratified 80/20 split."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    d = sklearn_digits()
-    x = (np.asarray(d.images, dtype=np.float32) / np.float32(16.0))[:, None]
-    y = np.asarray(d.target, dtype=np.int64)
+    images, target = _sklearn_digits()
+    x = (np.asarray(images, dtype=np.float32) / np.float32(16.0))[:, None]
+    y = np.asarray(target, dtype=np.int64)
     rng = numpy_rng(0, "data", "digits", "split")  # fixed: never depends on the run seed
     test_parts = []
     for c in range(10):
@@ -71,6 +71,25 @@ def load_digits(data_dir: Path, download: bool, use_cache: bool) -> DatasetSourc
         class_names=DIGIT_CLASSES,
         origin="scikit-learn digits (sklearn.datasets.load_digits), fixed stratified 80/20 split",
     )
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The images (n, 8, 8) and labels of ``sklearn.datasets.load_digits``, read from the file it reads
+    (``sklearn/datasets/data/digits.csv.gz``: 64 pixels and the label a row) without importing
+    scikit-learn, whose import pulls in scipy.stats (~1 s, most of a digits run's set-up). The same
+    arrays (tests/test_data_registry.py); through scikit-learn where the file is not found."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(f) / "datasets" / "data" / "digits.csv.gz" for f in folders
+                 if (Path(f) / "datasets" / "data" / "digits.csv.gz").is_file()), None)
+    if path is None:
+        from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415
+
+        d = sklearn_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt") as rows:
+        table = np.loadtxt(rows, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
 
 def digits_info(data_dir: Path) -> dict[str, Any]:
