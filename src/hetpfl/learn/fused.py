@@ -36,9 +36,16 @@ class _Fused:
                 elif p.grad is not None:
                     p.grad.detach_().zero_()
 
-    def _with_grads(self, group: ParamGroup) -> list[torch.Tensor]:
-        # as torch: a parameter without a gradient this step is left alone, state and all
-        return [p for p in group["params"] if p.grad is not None]
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            # as torch: a parameter without a gradient this step is left alone, state and all
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(params, group["lr"])
+
+    def _update(self, params: list[torch.Tensor], lr: float) -> None:
+        raise NotImplementedError
 
 
 class FusedAdam(_Fused):
@@ -49,24 +56,19 @@ class FusedAdam(_Fused):
         super().__init__(param_groups)
         self.betas, self.weight_decay, self.eps = betas, weight_decay, eps
 
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            params = self._with_grads(group)
-            if not params:
-                continue
-            for p in params:
-                if p not in self.state:  # torch's fused state: a float32 step and two zero moments
-                    self.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-            states = [self.state[p] for p in params]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1)
-            torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                               [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
-                               beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
-                               eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
+    def _update(self, params: list[torch.Tensor], lr: float) -> None:
+        for p in params:
+            if p not in self.state:  # torch's fused state: a float32 step and two zero moments
+                self.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        states = [self.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=lr,
+                           beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
+                           eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
 
 
 class FusedSGD(_Fused):
@@ -76,23 +78,18 @@ class FusedSGD(_Fused):
         super().__init__(param_groups)
         self.momentum, self.weight_decay = momentum, weight_decay
 
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            params = self._with_grads(group)
-            if not params:
-                continue
-            buffers: list[torch.Tensor] = []
-            first_step = False
-            if self.momentum != 0:
-                found = [self.state.get(p, {}).get("momentum_buffer") for p in params]
-                first_step = all(b is None for b in found)  # the kernel then starts each buffer at the gradient
-                buffers = [torch.empty_like(p.grad) for p in params] if first_step else found
-                for p, b in zip(params, buffers):
-                    self.state[p] = {"momentum_buffer": b}
-            torch._fused_sgd_(params, [p.grad for p in params], buffers, weight_decay=self.weight_decay,
-                              momentum=self.momentum, lr=group["lr"], dampening=0.0, nesterov=False,
-                              maximize=False, is_first_step=first_step, grad_scale=None, found_inf=None)
+    def _update(self, params: list[torch.Tensor], lr: float) -> None:
+        buffers: list[torch.Tensor] = []
+        first_step = False
+        if self.momentum != 0:
+            found = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+            first_step = all(b is None for b in found)  # the kernel then starts each buffer at the gradient
+            buffers = [torch.empty_like(p.grad) for p in params] if first_step else found
+            for p, b in zip(params, buffers):
+                self.state[p] = {"momentum_buffer": b}
+        torch._fused_sgd_(params, [p.grad for p in params], buffers, weight_decay=self.weight_decay,
+                          momentum=self.momentum, lr=lr, dampening=0.0, nesterov=False,
+                          maximize=False, is_first_step=first_step, grad_scale=None, found_inf=None)
 
 
 __all__ = ["FusedAdam", "FusedSGD"]
