@@ -79,14 +79,15 @@ class FusedSGD(_Fused):
         self.momentum, self.weight_decay = momentum, weight_decay
 
     def _update(self, params: list[torch.Tensor], lr: float) -> None:
-        buffers: list[torch.Tensor] = []
+        buffers: list[torch.Tensor | None] = []
         first_step = False
         if self.momentum != 0:
-            found = [self.state.get(p, {}).get("momentum_buffer") for p in params]
-            first_step = all(b is None for b in found)  # the kernel then starts each buffer at the gradient
-            buffers = [torch.empty_like(p.grad) for p in params] if first_step else found
-            for p, b in zip(params, buffers):
-                self.state[p] = {"momentum_buffer": b}
+            buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+            first_step = all(b is None for b in buffers)  # the kernel then starts each buffer at the gradient
+            if first_step:  # later steps update the stored buffers in place
+                buffers = [torch.empty_like(p.grad) for p in params]
+                for p, b in zip(params, buffers):
+                    self.state[p] = {"momentum_buffer": b}
         torch._fused_sgd_(params, [p.grad for p in params], buffers, weight_decay=self.weight_decay,
                           momentum=self.momentum, lr=lr, dampening=0.0, nesterov=False,
                           maximize=False, is_first_step=first_step, grad_scale=None, found_inf=None)

@@ -80,8 +80,7 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     arrays (tests/test_data_registry.py); through scikit-learn where the file is not found."""
     spec = importlib.util.find_spec("sklearn")  # finds the package without running it
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = next((Path(f) / "datasets" / "data" / "digits.csv.gz" for f in folders
-                 if (Path(f) / "datasets" / "data" / "digits.csv.gz").is_file()), None)
+    path = next((p for p in (Path(f, "datasets", "data", "digits.csv.gz") for f in folders) if p.is_file()), None)
     if path is None:
         from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415
 
